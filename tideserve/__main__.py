@@ -1,0 +1,5 @@
+import sys
+
+from tideserve.cli import main
+
+sys.exit(main())

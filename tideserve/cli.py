@@ -1,0 +1,38 @@
+"""The `tideserve` console script: one entry point, one subcommand per job.
+
+Each subcommand lives in the module that owns it and exposes `add_arguments(parser)` and `run(args) -> int`;
+modules are imported only when their subcommand runs, so `tideserve bench` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "serve": ("tideserve.worker.server", "Run a worker: the continuous-batching engine behind an OpenAI-compatible API."),
+    "bench": ("tideserve.bench.loadgen", "Load-test any OpenAI-compatible endpoint (Poisson rate or trace replay)."),
+    "models": ("tideserve.worker.builtin_models", "Write the built-in models (tiny, smollm2) to local directories."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tideserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module_name)
+        # Arguments are declared by the owning module; importing it here is cheap because the heavy imports
+        # (torch, transformers) happen inside run().
+        importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Prometheus metrics under vLLM's names (dashboards, KEDA recipes and routers work unchanged), plus
+tideserve_ metrics for the live batch limits and per-step work."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+def _geometric(start: float, stop: float, per_decade: int) -> list[float]:
+    """Log-spaced bucket edges: `per_decade` edges per factor of 10, so any percentile between start and stop
+    is read to within about 10**(1/per_decade) (about 12% with 20 per decade)."""
+    edges, i = [], 0
+    while True:
+        edge = start * 10 ** (i / per_decade)
+        if edge > stop * 1.0001:
+            return edges
+        edges.append(float(f"{edge:.4g}"))
+        i += 1
+
+
+TTFT_BUCKETS = _geometric(0.001, 60.0, 20)  # 1 ms .. 60 s
+TPOT_BUCKETS = _geometric(0.001, 2.5, 20)  # 1 ms .. 2.5 s
+E2E_BUCKETS = _geometric(0.01, 600.0, 10)
+STEP_BUCKETS = _geometric(0.0005, 10.0, 10)
+TOKEN_COUNT_BUCKETS = [float(2**i) for i in range(0, 18)] + [float(3 * 2**i) for i in range(0, 16)]
+TOKEN_COUNT_BUCKETS = sorted(set(TOKEN_COUNT_BUCKETS))
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def hist(name, doc, buckets):
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token (arrival to first token).", TTFT_BUCKETS)
+        self.itl = hist("vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", TPOT_BUCKETS)
+        self.tpot = hist(
+            "vllm:request_time_per_output_token_seconds",
+            "Per request: (e2e - ttft) / (output tokens - 1).",
+            TPOT_BUCKETS,
+        )
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Arrival to last token.", E2E_BUCKETS)
+        self.queue_time = hist(
+            "vllm:request_queue_time_seconds", "Arrival to first scheduled step.", TTFT_BUCKETS
+        )
+        self.prompt_len = hist("vllm:request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS)
+        self.output_len = hist(
+            "vllm:request_generation_tokens", "Generated tokens per finished request.", TOKEN_COUNT_BUCKETS
+        )
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
+        self.preemptions = counter("vllm:num_preemptions", "Sequences preempted (recomputed later).")
+        self._success = Counter(
+            "vllm:request_success", "Finished requests by reason.", labels + ["finished_reason"], registry=r
+        )
+        self._model_name = model_name
+        self.max_num_seqs = gauge("tideserve_max_num_seqs", "Current batch limit: running sequences.")
+        self.max_num_batched_tokens = gauge(
+            "tideserve_max_num_batched_tokens", "Current batch limit: tokens per step."
+        )
+        self.step_tokens = hist("tideserve_step_tokens", "Tokens computed per engine step.", TOKEN_COUNT_BUCKETS)
+        self.step_seqs = hist("tideserve_step_sequences", "Sequences per engine step.", TOKEN_COUNT_BUCKETS)
+        self.step_time = hist("tideserve_step_seconds", "Engine step wall time.", STEP_BUCKETS)
+        self.draining = gauge("tideserve_draining", "1 while the worker drains before exit.")
+
+    def request_finished(self, reason: str) -> None:
+        self._success.labels(self._model_name, reason).inc()

@@ -1,0 +1,192 @@
+"""Runs a Hugging Face causal LM over a packed batch with the engine's paged KV cache.
+
+The model's own forward pass (embeddings, rotary, MLPs, norms) comes from transformers; only attention is
+ours. We register a function under transformers' AttentionInterface: the model computes q/k/v and rotary as
+usual and calls it per layer; it writes the step's new K/V into the paged pool and attends over each
+sequence's blocks. All scheduled tokens of a step are packed into one row ([1, T]) with explicit
+position_ids, so a decode, a prefill chunk and a prefix-cache continuation share one forward pass with no
+padding. docs/engine.md records the measurements behind this choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tideserve.worker.config import EngineConfig
+from tideserve.worker.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "tideserve_paged"
+
+
+@dataclass
+class PrefillSlice:
+    """Query tokens [q_start, q_end) of one sequence attending to its first `kv_slots.numel()` cached tokens."""
+
+    q_start: int
+    q_end: int
+    kv_slots: torch.Tensor  # [ctx]
+    mask: torch.Tensor | None  # [q, ctx] bool, None when the chunk is the whole context (plain causal)
+
+
+@dataclass
+class PagedBatch:
+    """Step metadata computed once and shared by every layer's attention call."""
+
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V pools [num_slots, kv_heads, head_dim]
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
+    decode_rows: torch.Tensor | None = None  # [B] packed positions of single-token (decode) queries
+    decode_kv_slots: torch.Tensor | None = None  # [B, max_ctx], padded with slot 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] bool
+    prefills: list[PrefillSlice] = field(default_factory=list)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry: query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None)."""
+    batch: PagedBatch = kwargs["paged_batch"]
+    k_pool, v_pool = batch.kv_cache[module.layer_idx]
+    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D]
+    k_pool[batch.slot_mapping] = new_k.to(k_pool.dtype)
+    v_pool[batch.slot_mapping] = new_v.to(v_pool.dtype)
+    q = query[0]  # [H, T, D]
+    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
+    gqa = q.shape[0] != k_pool.shape[1]
+    if batch.decode_rows is not None:
+        dq = q[:, batch.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        dk = k_pool[batch.decode_kv_slots].permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, ctx, D]
+        dv = v_pool[batch.decode_kv_slots].permute(0, 2, 1, 3).to(q.dtype)
+        o = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=gqa)
+        out[batch.decode_rows] = o.squeeze(2)
+    for p in batch.prefills:
+        pq = q[:, p.q_start : p.q_end].unsqueeze(0)  # [1, H, q, D]
+        if p.mask is None:  # the chunk is the whole context: use this step's K/V directly
+            pk, pv = key[:, :, p.q_start : p.q_end], value[:, :, p.q_start : p.q_end]
+        else:
+            pk = k_pool[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            pv = v_pool[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            pq, pk, pv, attn_mask=p.mask, is_causal=p.mask is None, scale=scaling, enable_gqa=gqa
+        )
+        out[p.q_start : p.q_end] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, model_dtype: torch.dtype | None) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32  # half precision matmuls are slow or inexact on most CPUs
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: Path):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        _register_attention()
+        self.device = resolve_device(config.device)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        text_config = hf_config.get_text_config()
+        self.dtype = resolve_dtype(config.dtype, self.device, getattr(text_config, "dtype", None))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=self.dtype, attn_implementation=ATTENTION_NAME
+        ).to(self.device)
+        self.model.eval()
+        self.hf_config = text_config
+        self.block_size = config.block_size
+        self.num_layers = text_config.num_hidden_layers
+        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gb)
+        slots = self.num_blocks * self.block_size
+        self.kv_cache = [
+            tuple(
+                torch.zeros(slots, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+                for _ in range(2)
+            )
+            for _ in range(self.num_layers)
+        ]
+        log.info(
+            "model %s on %s (%s): %d KV blocks of %d tokens", model_dir, self.device, self.dtype, self.num_blocks,
+            self.block_size,
+        )
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def _blocks_for_memory(self, gigabytes: float) -> int:
+        return max(1, int(gigabytes * 2**30 // self.block_bytes))
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
+        """Forward the scheduled tokens; return logits [len(sample_rows), vocab] at the packed positions
+        `sample_rows` (the last token of each sequence that completes its pending tokens this step)."""
+        input_ids, positions, paged = self._prepare(batch)
+        output = self.model(
+            input_ids=input_ids.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            paged_batch=paged,
+        )
+        return output.logits[0]
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
+        bs = self.block_size
+        tokens, positions, slots = [], [], []
+        decode_rows, decode_slots, prefills = [], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            row = len(tokens)
+            tokens.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            ctx_slots = [table[i // bs] * bs + i % bs for i in range(end)]
+            slots.extend(ctx_slots[start:end])
+            if n == 1:
+                decode_rows.append(row)
+                decode_slots.append(ctx_slots)
+            else:
+                prefills.append((row, row + n, start, ctx_slots))
+        dev = self.device
+        paged = PagedBatch(kv_cache=self.kv_cache, slot_mapping=torch.tensor(slots, device=dev))
+        if decode_rows:
+            width = max(len(s) for s in decode_slots)
+            padded = torch.zeros(len(decode_slots), width, dtype=torch.long)
+            mask = torch.zeros(len(decode_slots), width, dtype=torch.bool)
+            for i, s in enumerate(decode_slots):
+                padded[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = True
+            paged.decode_rows = torch.tensor(decode_rows, device=dev)
+            paged.decode_kv_slots = padded.to(dev)
+            paged.decode_mask = mask.view(len(decode_slots), 1, 1, width).to(dev)
+        for q_start, q_end, computed, ctx_slots in prefills:
+            mask = None
+            if computed:  # continuing a chunked or prefix-cached prompt: queries see the cached context too
+                q = q_end - q_start
+                key_pos = torch.arange(len(ctx_slots))
+                query_pos = torch.arange(computed, computed + q)
+                mask = (key_pos[None, :] <= query_pos[:, None]).to(dev)
+            paged.prefills.append(PrefillSlice(q_start, q_end, torch.tensor(ctx_slots, device=dev), mask))
+        return torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), paged

@@ -1,0 +1,145 @@
+"""`tideserve serve`: load a model, start the engine loop, serve the public and admin APIs, drain on SIGTERM.
+
+Drain: on SIGTERM (or SIGINT) /ready fails at once and new API requests get 503 while in-flight requests
+finish, for up to --drain-timeout seconds; whatever is left is then aborted and the process exits 0. Both
+servers keep listening during the drain so a load balancer that has not yet seen /ready fail gets a clear
+503 rather than a refused connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import uvicorn
+
+log = logging.getLogger("tideserve.worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face model directory, or a built-in: tiny, smollm2")
+    parser.add_argument("--served-model-name", help="name clients use in the `model` field (default: the model's name)")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--admin-host", default="0.0.0.0", help="the admin API (batch limits) listens here")
+    parser.add_argument("--admin-port", type=int, default=8001)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (default: from --kv-cache-memory-gb)")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--batching-mode", default="continuous", choices=["continuous", "dynamic", "static"])
+    parser.add_argument("--batch-timeout", type=float, default=1.0, help="static mode: max wait for a full batch (s)")
+    parser.add_argument("--max-waiting-requests", type=int, default=256, help="beyond this, requests get 429")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="grace period for in-flight requests (s)")
+    parser.add_argument("--api-key-file", help="file with accepted API keys, one per line (or env TIDESERVE_API_KEY)")
+    parser.add_argument("--admin-token-file", help="file with the admin bearer token (or env TIDESERVE_ADMIN_TOKEN)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-level", default="info")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from tideserve.worker.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        enable_prefix_caching=not args.no_prefix_caching,
+        batching_mode=args.batching_mode,
+        batch_timeout_s=args.batch_timeout,
+        max_waiting_requests=args.max_waiting_requests,
+        seed=args.seed,
+    )
+
+
+def read_secrets(env_var: str, path: str | None) -> list[str]:
+    values = [v for v in os.environ.get(env_var, "").split(",") if v.strip()]
+    if path:
+        values += [line for line in Path(path).read_text().splitlines() if line.strip()]
+    return [v.strip() for v in values]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server without its own signal handling: the worker decides what SIGTERM means."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def serve(engine, state, host, port, admin_host, admin_port, drain_timeout, log_level="info") -> None:
+    """Run both servers until a drain completes. Also used by tests and the local runtime."""
+    from tideserve.worker.api import create_admin_app, create_app
+    from tideserve.worker.async_engine import AsyncEngine
+
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    public = _Server(uvicorn.Config(create_app(async_engine, state), host=host, port=port, log_level=log_level,
+                                    timeout_graceful_shutdown=5, access_log=False))
+    admin = _Server(uvicorn.Config(create_admin_app(async_engine, state), host=admin_host, port=admin_port,
+                                   log_level=log_level, access_log=False))
+    drain_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not in the main thread (tests)
+            loop.add_signal_handler(sig, drain_requested.set)
+
+    async def drain() -> None:
+        await drain_requested.wait()
+        state.draining = True
+        engine.metrics.draining.set(1)
+        deadline = time.monotonic() + drain_timeout
+        log.info("draining: %d requests in flight, up to %.0f s", async_engine.num_in_flight, drain_timeout)
+        while async_engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if async_engine.num_in_flight:
+            log.warning("drain deadline: aborting %d requests", async_engine.num_in_flight)
+            async_engine.abort_all()
+            await asyncio.sleep(0.2)
+        public.should_exit = admin.should_exit = True
+
+    state.request_drain = drain_requested.set
+    try:
+        await asyncio.gather(public.serve(), admin.serve(), drain())
+    finally:
+        async_engine.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the worker loads local directories only
+    from tideserve.worker.api import ServerState
+    from tideserve.worker.engine import LLMEngine
+
+    config = engine_config_from_args(args)
+    engine = LLMEngine(config)
+    state = ServerState(
+        api_keys=frozenset(read_secrets("TIDESERVE_API_KEY", args.api_key_file)),
+        admin_token=(read_secrets("TIDESERVE_ADMIN_TOKEN", args.admin_token_file) or [None])[0],
+        max_body_bytes=args.max_body_bytes,
+    )
+    log.info("serving %s on %s:%d (admin %s:%d)", engine.model_name, args.host, args.port, args.admin_host,
+             args.admin_port)
+    asyncio.run(serve(engine, state, args.host, args.port, args.admin_host, args.admin_port, args.drain_timeout,
+                      args.log_level))
+    log.info("drained, exiting")
+    return 0
