@@ -57,10 +57,23 @@ def _validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def _bearer_ok(request: Request, accepted: frozenset[str] | set[str]) -> bool:
-    header = request.headers.get("authorization", "")
+def _bearer_ok(scope, accepted: frozenset[str] | set[str]) -> bool:
+    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), k) for k in accepted)
+
+
+class GuardMiddleware:
+    """Refuse requests before they reach a route: `check(scope)` returns an APIError or None. Pure ASGI
+    (not BaseHTTPMiddleware, which hides client disconnects from the routes)."""
+
+    def __init__(self, app, check: Callable[[dict], APIError | None]):
+        self.app, self.check = app, check
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (error := self.check(scope)) is not None:
+            return await _error_response(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -133,14 +146,15 @@ def create_app(engine: AsyncEngine, state: ServerState) -> FastAPI:
     tokenizer = core.tokenizer
     model_name = core.model_name
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if state.api_keys and not _bearer_ok(request, state.api_keys):
-                return _error_response(APIError(401, "missing or invalid API key", "authentication_error"))
-            if state.draining and request.method == "POST":
-                return _error_response(APIError(503, "server is draining; retry on another replica", "unavailable"))
-        return await call_next(request)
+    def guard(scope) -> APIError | None:
+        if scope["path"].startswith("/v1/"):
+            if state.api_keys and not _bearer_ok(scope, state.api_keys):
+                return APIError(401, "missing or invalid API key", "authentication_error")
+            if state.draining and scope["method"] == "POST":
+                return APIError(503, "server is draining; retry on another replica", "unavailable")
+        return None
+
+    app.add_middleware(GuardMiddleware, check=guard)
 
     @app.get("/health")
     async def health():
@@ -393,11 +407,12 @@ def create_admin_app(engine: AsyncEngine, state: ServerState) -> FastAPI:
     _install_error_handlers(app)
     core = engine.engine
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if state.admin_token and not _bearer_ok(request, {state.admin_token}):
-            return _error_response(APIError(401, "missing or invalid admin token", "authentication_error"))
-        return await call_next(request)
+    def guard(scope) -> APIError | None:
+        if state.admin_token and not _bearer_ok(scope, {state.admin_token}):
+            return APIError(401, "missing or invalid admin token", "authentication_error")
+        return None
+
+    app.add_middleware(GuardMiddleware, check=guard)
 
     def snapshot() -> dict:
         scheduler = core.scheduler

@@ -8,14 +8,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 def _geometric(start: float, stop: float, per_decade: int) -> list[float]:
     """Log-spaced bucket edges: `per_decade` edges per factor of 10, so any percentile between start and stop
-    is read to within about 10**(1/per_decade) (about 12% with 20 per decade)."""
-    edges, i = [], 0
-    while True:
-        edge = start * 10 ** (i / per_decade)
-        if edge > stop * 1.0001:
-            return edges
-        edges.append(float(f"{edge:.4g}"))
-        i += 1
+    is read to within about 10**(1/per_decade) (about 12% with 20 per decade). The last edge is >= stop."""
+    edges = [start]
+    while edges[-1] < stop:
+        edges.append(float(f"{start * 10 ** (len(edges) / per_decade):.4g}"))
+    return edges
 
 
 TTFT_BUCKETS = _geometric(0.001, 60.0, 20)  # 1 ms .. 60 s
