@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,44 @@ def test_block_manager_refuses_overallocation():
     bm = BlockManager(num_blocks=1, block_size=2)
     with pytest.raises(RuntimeError, match="KV cache exhausted"):
         bm.allocate(_seq([1, 2, 3]), 3)
+
+
+def _random_model_dir(tmp_path, tiny_model_dir, config) -> str:
+    """A random model of another architecture, saved with the tiny tokenizer, loaded like any local model."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    out = tmp_path / config.model_type
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (Path(tiny_model_dir) / name).exists():
+            shutil.copy(Path(tiny_model_dir) / name, out / name)
+    return str(out)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "mistral"])
+def test_other_architectures_match_generate(tmp_path, tiny_model_dir, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=1024)
+    if arch == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    else:
+        config = AutoConfig.for_model(arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      **common)
+    model_dir = _random_model_dir(tmp_path, tiny_model_dir, config)
+    engine = make_engine(model_dir, max_num_batched_tokens=16, max_num_seqs=8, block_size=4)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = mixed_prompts(1024, 5, seed=4)
+    for i, p in enumerate(prompts):
+        engine.submit(str(i), p, GREEDY)
+    outputs = run_to_completion(engine)
+    for i, p in enumerate(prompts):
+        assert tokens_of(outputs[str(i)]) == reference_greedy(reference, p, 12), f"{arch} prompt {i}"
