@@ -5,22 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-
-def _geometric(start: float, stop: float, per_decade: int) -> list[float]:
-    """Log-spaced bucket edges: `per_decade` edges per factor of 10, so any percentile between start and stop
-    is read to within about 10**(1/per_decade) (about 12% with 20 per decade). The last edge is >= stop."""
-    edges = [start]
-    while edges[-1] < stop:
-        edges.append(float(f"{start * 10 ** (len(edges) / per_decade):.4g}"))
-    return edges
-
-
-TTFT_BUCKETS = _geometric(0.001, 60.0, 20)  # 1 ms .. 60 s
-TPOT_BUCKETS = _geometric(0.001, 2.5, 20)  # 1 ms .. 2.5 s
-E2E_BUCKETS = _geometric(0.01, 600.0, 10)
-STEP_BUCKETS = _geometric(0.0005, 10.0, 10)
-TOKEN_COUNT_BUCKETS = [float(2**i) for i in range(0, 18)] + [float(3 * 2**i) for i in range(0, 16)]
-TOKEN_COUNT_BUCKETS = sorted(set(TOKEN_COUNT_BUCKETS))
+from tideserve.buckets import E2E_BUCKETS, STEP_BUCKETS, TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
 
 
 class EngineMetrics:

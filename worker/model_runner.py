@@ -154,39 +154,33 @@ class ModelRunner:
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
         bs = self.block_size
+        offsets = torch.arange(bs)
         tokens, positions, slots = [], [], []
-        decode_rows, decode_slots, prefills = [], [], []
+        decodes, prefills = [], []  # (packed row, sequence)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             row = len(tokens)
             tokens.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            ctx_slots = [table[i // bs] * bs + i % bs for i in range(end)]
-            slots.extend(ctx_slots[start:end])
-            if n == 1:
-                decode_rows.append(row)
-                decode_slots.append(ctx_slots)
-            else:
-                prefills.append((row, row + n, start, ctx_slots))
+            slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
+            (decodes if n == 1 else prefills).append((row, seq, start, end))
         dev = self.device
         paged = PagedBatch(kv_cache=self.kv_cache, slot_mapping=torch.tensor(slots, device=dev))
-        if decode_rows:
-            width = max(len(s) for s in decode_slots)
-            padded = torch.zeros(len(decode_slots), width, dtype=torch.long)
-            mask = torch.zeros(len(decode_slots), width, dtype=torch.bool)
-            for i, s in enumerate(decode_slots):
-                padded[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = True
-            paged.decode_rows = torch.tensor(decode_rows, device=dev)
-            paged.decode_kv_slots = padded.to(dev)
-            paged.decode_mask = mask.view(len(decode_slots), 1, 1, width).to(dev)
-        for q_start, q_end, computed, ctx_slots in prefills:
+        if decodes:
+            # One padded block table for all decodes -> every context slot, masked past each context length.
+            width = max(len(seq.block_table) for _, seq, _, _ in decodes)
+            tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for _, seq, _, _ in decodes])
+            kv_slots = (tables[:, :, None] * bs + offsets).view(len(decodes), -1)
+            lengths = torch.tensor([end for _, _, _, end in decodes])
+            mask = torch.arange(kv_slots.shape[1])[None, :] < lengths[:, None]
+            paged.decode_rows = torch.tensor([row for row, _, _, _ in decodes], device=dev)
+            paged.decode_kv_slots = kv_slots.to(dev)
+            paged.decode_mask = mask.view(len(decodes), 1, 1, -1).to(dev)
+        for row, seq, start, end in prefills:
+            kv_slots = (torch.tensor(seq.block_table)[:, None] * bs + offsets).view(-1)[:end]
             mask = None
-            if computed:  # continuing a chunked or prefix-cached prompt: queries see the cached context too
-                q = q_end - q_start
-                key_pos = torch.arange(len(ctx_slots))
-                query_pos = torch.arange(computed, computed + q)
-                mask = (key_pos[None, :] <= query_pos[:, None]).to(dev)
-            paged.prefills.append(PrefillSlice(q_start, q_end, torch.tensor(ctx_slots, device=dev), mask))
+            if start:  # continuing a chunked or prefix-cached prompt: queries also see the cached context
+                mask = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]).to(dev)
+            paged.prefills.append(PrefillSlice(row, row + end - start, kv_slots.to(dev), mask))
         return torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), paged
