@@ -120,6 +120,32 @@ def scale_time(requests: list[TraceRequest], factor: float) -> list[TraceRequest
     return [replace(r, arrival_s=r.arrival_s / factor) for r in requests]
 
 
+def scale_rate(requests: list[TraceRequest], factor: float, seed: int = 0) -> list[TraceRequest]:
+    """Multiply the request rate while keeping the trace's shape over time and its length mix.
+
+    The integer part of `factor` overlays whole copies of the trace, each shifted by its own random offset of
+    up to one mean inter-arrival time (so copies do not arrive in lockstep); the fractional part keeps a random
+    share of one more copy. factor < 1 thins the trace.
+    """
+    if factor <= 0:
+        raise ValueError(f"rate factor must be positive, got {factor}")
+    if not requests:
+        return []
+    rng = random.Random(seed)
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    mean_gap = span / max(1, len(requests) - 1)
+    whole, fraction = int(factor), factor - int(factor)
+    out = list(requests) if whole >= 1 else []
+    for copy in range(1, whole + (1 if fraction > 0 else 0)):
+        offset = rng.uniform(0, mean_gap)
+        keep = 1.0 if copy < whole else fraction
+        out.extend(replace(r, arrival_s=r.arrival_s + offset) for r in requests if keep >= 1 or rng.random() < keep)
+    if whole == 0:
+        out = [r for r in requests if rng.random() < fraction]
+    out.sort(key=lambda r: r.arrival_s)
+    return out
+
+
 def scale_tokens(
     requests: list[TraceRequest],
     input_scale: float = 1.0,

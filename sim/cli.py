@@ -1,0 +1,162 @@
+"""`tideserve simulate`: replay a trace against the Tideserve policy and the baselines in the same simulator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import time
+
+import numpy as np
+
+POLICIES = ("tideserve", "static-peak", "static-mean", "hpa", "llm-d", "dynamo", "kubeai")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True,
+                        help="canonical CSV (arrival_s,input_tokens,output_tokens), an Azure 2023 CSV, or azure-conv / "
+                             "azure-code; `tideserve trace` converts ServeGen")
+    parser.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated, from: {', '.join(POLICIES)}")
+    parser.add_argument("--json", help="write per-policy results here")
+    parser.add_argument("--plot", help="write a PNG of replicas, latency and batch limit over time")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply the request rate (copies/thinning)")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="compress time: 2 = twice as fast")
+    parser.add_argument("--season-period", type=float, default=None,
+                        help="seasonal period of the trace in (scaled) seconds; default: a day / time scale")
+    parser.add_argument("--ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--tpot-ms", type=float, default=50.0)
+    parser.add_argument("--percentile", type=float, default=90.0, help="SLO percentile (for windows and llm-d)")
+    parser.add_argument("--attainment", type=float, default=0.99, help="request-level attainment goal")
+    parser.add_argument("--startup-s", type=float, default=90.0, help="replica cold start")
+    parser.add_argument("--calibration", help="JSON of step-time parameters (default: 8B model on an H100)")
+    parser.add_argument("--max-replicas", type=int, default=64)
+    parser.add_argument("--gpu-quota", type=int, help="replicas beyond this stay Pending")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit at start")
+    parser.add_argument("--kubeai-target", type=float, default=100.0, help="KubeAI targetRequests")
+    parser.add_argument("--workers", type=int, default=min(2, multiprocessing.cpu_count()))
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _load_workload(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from tideserve.traces import load_trace, scale_rate, scale_time
+
+    requests = load_trace(args.trace)
+    if args.rate_scale != 1.0:
+        requests = scale_rate(requests, args.rate_scale, seed=args.seed)
+    if args.time_scale != 1.0:
+        requests = scale_time(requests, args.time_scale)
+    return (np.array([r.arrival_s for r in requests]), np.array([r.input_tokens for r in requests]),
+            np.array([r.output_tokens for r in requests]))
+
+
+def _peak_and_mean(arrivals, inputs, outputs, window_s: float = 300.0):
+    from tideserve.autoscaler.perf_model import QueryMix
+
+    bins = (arrivals // window_s).astype(int)
+    counts = np.bincount(bins)
+    peak = int(np.argmax(counts))
+    sel = bins == peak
+    peak_mix = QueryMix(float(inputs[sel].mean()), float(outputs[sel].mean()))
+    duration = max(arrivals[-1] - arrivals[0], window_s)
+    return counts[peak] / window_s, peak_mix, len(arrivals) / duration, QueryMix(float(inputs.mean()),
+                                                                                  float(outputs.mean()))
+
+
+def build_policy(name: str, args, params, workload):
+    from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
+    from tideserve.autoscaler.perf_model import PerformanceModel
+    from tideserve.autoscaler.slo import PercentileSLO
+    from tideserve.sim import baselines as b
+
+    ttft_s, tpot_s = args.ttft_ms / 1000, args.tpot_ms / 1000
+    peak_rate, peak_mix, mean_rate, mean_mix = _peak_and_mean(*workload)
+    if name == "tideserve":
+        period = args.season_period or 86400.0 / args.time_scale
+        return TideservePolicy(PolicyConfig(
+            ttft=PercentileSLO(args.percentile, ttft_s), tpot=PercentileSLO(args.percentile, tpot_s),
+            attainment_target=args.attainment, max_replicas=args.max_replicas, season_period_s=period,
+            season_slot_s=period / 144, default_startup_s=args.startup_s, engine_max_num_seqs=args.max_num_seqs,
+            bootstrap=params))
+    if name == "static-peak":
+        return b.StaticPolicy(name, b.static_replicas(peak_rate, peak_mix, params, ttft_s, tpot_s, args.max_num_seqs))
+    if name == "static-mean":
+        return b.StaticPolicy(name, b.static_replicas(mean_rate, mean_mix, params, ttft_s, tpot_s, args.max_num_seqs))
+    if name == "hpa":
+        model = PerformanceModel(params)
+        capacity = model.capacity(mean_mix, tpot_s, ttft_s, args.max_num_seqs).rate
+        target = 0.7 * capacity * mean_mix.mean_output * model.step_time_at(0.7 * capacity, mean_mix)
+        return b.HPAPolicy(max(1.0, target), max_replicas=args.max_replicas)
+    if name == "llm-d":
+        return b.LlmdSLOPolicy(ttft_s, tpot_s, max_replicas=args.max_replicas)
+    if name == "dynamo":
+        return b.DynamoPlannerPolicy(params, ttft_s, tpot_s, args.max_num_seqs, max_replicas=args.max_replicas)
+    if name == "kubeai":
+        return b.KubeAIPolicy(args.kubeai_target, max_replicas=args.max_replicas)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+
+
+def _run_one(task):
+    name, args, params, workload = task
+    from tideserve.sim.report import summarize
+    from tideserve.sim.simulator import SimConfig, Simulation
+    from tideserve.sim.baselines import static_replicas
+
+    arrivals, inputs, outputs = workload
+    first = arrivals < arrivals[0] + 300
+    from tideserve.autoscaler.perf_model import QueryMix
+
+    # Every policy starts warm, with the replicas the first five minutes need.
+    initial = static_replicas(first.sum() / 300, QueryMix(float(inputs[first].mean()), float(outputs[first].mean())),
+                              params, args.ttft_ms / 1000, args.tpot_ms / 1000, args.max_num_seqs)
+    policy = build_policy(name, args, params, workload)
+    started = time.perf_counter()
+    result = Simulation(arrivals, inputs, outputs, policy, SimConfig(
+        params=params, startup_s=args.startup_s, initial_replicas=initial, initial_max_num_seqs=args.max_num_seqs,
+        gpu_quota=args.gpu_quota)).run()
+    summary = summarize(result, args.ttft_ms / 1000, args.tpot_ms / 1000, args.percentile)
+    summary["sim_seconds"] = time.perf_counter() - started
+    result.arrival = result.ttft = result.tpot = result.output_tokens = np.empty(0)  # keep the IPC small
+    return summary, result
+
+
+def run(args: argparse.Namespace) -> int:
+    from tideserve.autoscaler.perf_model import H100_8B, StepTimeParams
+    from tideserve.sim.report import compare, format_table, plot, write_json
+
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown or not names:
+        print(f"unknown policy: {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}", file=sys.stderr)
+        return 2
+    params = H100_8B
+    if args.calibration:
+        with open(args.calibration) as f:
+            params = StepTimeParams.from_dict(json.load(f))
+    try:
+        workload = _load_workload(args)
+    except (OSError, ValueError) as exc:
+        print(f"cannot read trace: {exc}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    tasks = [(n, args, params, workload) for n in names]
+    if args.workers > 1 and len(tasks) > 1:
+        with multiprocessing.get_context("fork").Pool(min(args.workers, len(tasks))) as pool:
+            outcomes = pool.map(_run_one, tasks, chunksize=1)
+    else:
+        outcomes = [_run_one(t) for t in tasks]
+    summaries = [s for s, _ in outcomes]
+    print(f"trace {args.trace}: {len(workload[0])} requests over {workload[0][-1] / 3600:.2f} h; SLO p{args.percentile:g} "
+          f"TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms; simulated in {time.perf_counter() - started:.1f} s")
+    print(format_table(summaries))
+    verdict = compare(summaries, attainment_goal=args.attainment)
+    for key, value in verdict.items():
+        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+    if args.json:
+        write_json(args.json, {"trace": args.trace, "requests": len(workload[0]), "args": {
+            k: v for k, v in vars(args).items() if not k.startswith("_")}, "policies": summaries,
+            "comparison": verdict})
+    if args.plot:
+        plot([r for _, r in outcomes], args.plot, args.ttft_ms / 1000, args.tpot_ms / 1000, title=args.trace)
+    return 0

@@ -1,0 +1,161 @@
+"""One simulated replica running continuous batching, advanced event by event.
+
+Every decoding sequence gains one token per engine step, so instead of stepping we keep a virtual clock V
+(steps done so far): a sequence that starts decoding at V0 with n tokens to go finishes at V = V0 + n, and a heap
+keyed on that threshold gives the next finish. Prompts are prefilled in FIFO chunks: each prefill step takes up to
+max_num_batched_tokens - B prompt tokens, and a request whose prompt completes in a step gets its first token at
+the end of that step. The step time is
+    step = base + per_seq * B + per_context_token * context + per_prefill_token * P
+with B decoding sequences, their total context and P prompt tokens in the current step; it changes only at
+events, so between events everything moves linearly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+from tideserve.autoscaler.perf_model import StepTimeParams
+
+INF = math.inf
+
+
+class SimRequest:
+    __slots__ = ("idx", "arrival", "input_tokens", "output_tokens", "left", "admitted", "first_token", "finished")
+
+    def __init__(self, idx: int, arrival: float, input_tokens: int, output_tokens: int):
+        self.idx, self.arrival = idx, arrival
+        self.input_tokens, self.output_tokens = input_tokens, output_tokens
+        self.left = input_tokens  # prompt tokens still to prefill
+        self.admitted = self.first_token = self.finished = -1.0
+
+
+class Replica:
+    __slots__ = (
+        "name", "params", "max_num_seqs", "created", "ready_at", "draining", "v", "t", "step", "decoding", "context",
+        "prefill", "backlog", "pstep_tokens", "pstep_end", "waiting", "version", "steps", "step_time_sum",
+        "step_seq_sum", "step_token_sum",
+    )
+
+    def __init__(self, name: str, params: StepTimeParams, max_num_seqs: int, created: float, ready_at: float):
+        self.name, self.params, self.max_num_seqs = name, params, max_num_seqs
+        self.created, self.ready_at = created, ready_at
+        self.draining = False
+        self.v = 0.0
+        self.t = created
+        self.decoding: list[tuple[float, int, SimRequest]] = []  # (finish V, idx, request)
+        self.context = 0.0  # total context tokens of the decoding sequences
+        self.prefill: deque[SimRequest] = deque()
+        self.backlog = 0  # prompt tokens still to prefill
+        self.pstep_tokens = 0  # prompt tokens in the current step
+        self.pstep_end = INF
+        self.waiting: deque[SimRequest] = deque()  # not admitted: max_num_seqs reached or KV full
+        self.version = 0
+        self.steps = self.step_time_sum = self.step_seq_sum = self.step_token_sum = 0.0
+        self.step = params.base_s
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.decoding) + len(self.prefill) + len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.decoding) + len(self.prefill)
+
+    @property
+    def kv_usage(self) -> float:
+        return min(1.0, (self.context + self.backlog) / self.params.kv_capacity_tokens)
+
+    def _recompute_step(self) -> None:
+        p = self.params
+        self.step = (p.base_s + p.per_seq_s * len(self.decoding) + p.per_context_token_s * self.context
+                     + p.per_prefill_token_s * self.pstep_tokens)
+
+    def advance(self, now: float) -> None:
+        """Move the clock to `now`; no event of this replica lies before it."""
+        dt = now - self.t
+        if dt <= 0:
+            return
+        self.t = now
+        b = len(self.decoding)
+        if not b and not self.pstep_tokens:
+            return
+        steps = dt / self.step
+        self.v += steps
+        self.context += b * steps
+        self.steps += steps
+        self.step_time_sum += dt
+        self.step_seq_sum += b * steps
+        self.step_token_sum += (b + self.pstep_tokens) * steps
+
+    def next_event(self) -> float:
+        t = self.pstep_end
+        if self.decoding:
+            t = min(t, self.t + (self.decoding[0][0] - self.v) * self.step)
+        return t
+
+    def admit(self, request: SimRequest, now: float) -> None:
+        self.waiting.append(request)
+        self._admit_waiting(now)
+
+    def _admit_waiting(self, now: float) -> None:
+        cap = self.params.kv_capacity_tokens
+        while self.waiting and self.running < self.max_num_seqs:
+            r = self.waiting[0]
+            if self.running and self.context + self.backlog + r.input_tokens > cap:
+                break  # admission by free KV: wait for memory
+            self.waiting.popleft()
+            r.admitted = now
+            self.prefill.append(r)
+            self.backlog += r.input_tokens
+        if self.prefill and self.pstep_end == INF:
+            self._start_prefill_step(now)
+        else:
+            self._recompute_step()
+
+    def _start_prefill_step(self, now: float) -> None:
+        chunk = max(1, self.params.max_num_batched_tokens - len(self.decoding))
+        self.pstep_tokens = min(self.backlog, chunk)
+        self._recompute_step()
+        self.pstep_end = now + self.step
+
+    def process(self, now: float, finished: list) -> None:
+        """Complete the prefill step and the decodes due at `now`; finished requests go to `finished`."""
+        if now >= self.pstep_end - 1e-12:
+            budget = self.pstep_tokens
+            self.backlog -= budget
+            while budget and self.prefill:
+                r = self.prefill[0]
+                take = min(budget, r.left)
+                r.left -= take
+                budget -= take
+                if r.left:
+                    break
+                self.prefill.popleft()
+                r.first_token = now
+                if r.output_tokens <= 1:
+                    r.finished = now
+                    finished.append(r)
+                else:
+                    self.context += r.input_tokens + 1
+                    heapq.heappush(self.decoding, (self.v + r.output_tokens - 1, r.idx, r))
+            self.pstep_tokens, self.pstep_end = 0, INF
+        decoding = self.decoding
+        while decoding and decoding[0][0] <= self.v + 1e-6:
+            _, _, r = heapq.heappop(decoding)
+            r.finished = now
+            self.context -= r.input_tokens + r.output_tokens
+            finished.append(r)
+        if not decoding:
+            self.context = 0.0
+        self._admit_waiting(now)
+
+    def set_max_num_seqs(self, limit: int, now: float) -> None:
+        self.max_num_seqs = limit
+        self._admit_waiting(now)
+
+    def take_step_stats(self) -> tuple[float, float, float, float]:
+        stats = (self.steps, self.step_time_sum, self.step_seq_sum, self.step_token_sum)
+        self.steps = self.step_time_sum = self.step_seq_sum = self.step_token_sum = 0.0
+        return stats

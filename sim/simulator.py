@@ -1,0 +1,286 @@
+"""A discrete-event simulator of one deployment: a router, replicas running continuous batching, cold starts,
+drains, a GPU quota, and the control loop of any policy, which sees the same metric windows a real deployment
+exports (histogram deltas of TTFT, TPOT, prompt and output lengths; running and waiting; step statistics)."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tideserve.sim.replica import INF, Replica, SimRequest
+from tideserve.autoscaler.observation import Decision, Observation, ReplicaState
+from tideserve.autoscaler.perf_model import H100_8B, StepTimeParams
+from tideserve.autoscaler.slo import Histogram
+from tideserve.buckets import TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+
+TTFT_EDGES = tuple(TTFT_BUCKETS) + (math.inf,)
+TPOT_EDGES = tuple(TPOT_BUCKETS) + (math.inf,)
+TOKEN_EDGES = tuple(TOKEN_COUNT_BUCKETS) + (math.inf,)
+
+
+@dataclass
+class SimConfig:
+    params: StepTimeParams = H100_8B
+    startup_s: float = 90.0  # pod scheduled -> model loaded -> ready
+    initial_replicas: int = 1
+    initial_max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default: the params' value
+    gpus_per_replica: int = 1
+    gpu_quota: int | None = None  # replicas beyond it stay Pending (no GPU free)
+    interval_s: float = 15.0  # control interval (a policy may bring its own)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    arrival: np.ndarray
+    ttft: np.ndarray
+    tpot: np.ndarray
+    output_tokens: np.ndarray
+    gpu_seconds: float
+    duration_s: float
+    timeline: dict  # arrays sampled at every control step
+    decisions: int  # replica changes applied
+    batch_limit_changes: int
+    reasons: dict = field(default_factory=dict)
+
+
+class Simulation:
+    def __init__(self, arrivals: np.ndarray, inputs: np.ndarray, outputs: np.ndarray, policy, config: SimConfig):
+        if not (len(arrivals) == len(inputs) == len(outputs)):
+            raise ValueError("arrival, input and output arrays differ in length")
+        self.arrivals, self.inputs, self.outputs = arrivals, inputs, outputs
+        self.policy = policy
+        self.config = config
+        self.interval_s = getattr(policy, "interval_s", None) or config.interval_s
+        params = config.params
+        if config.max_num_batched_tokens:
+            params = StepTimeParams(**{**params.to_dict(), "max_num_batched_tokens": config.max_num_batched_tokens})
+        self.params = params
+        self.max_num_seqs = config.initial_max_num_seqs
+        self.replicas: list[Replica] = []
+        self.pending: list[Replica] = []  # created, waiting for a GPU
+        self.heap: list = []
+        self._names = 0
+        self.held: deque[SimRequest] = deque()  # requests arriving while no replica is ready
+        self.desired = 0
+        self._gpu_changes: list[tuple[float, int]] = [(0.0, 0)]
+        self._window_reset()
+        self.timeline = {k: [] for k in ("time", "desired", "ready", "gpus", "max_num_seqs", "arrival_rate",
+                                          "ttft_p90", "tpot_p90", "waiting")}
+        self.decisions = self.batch_changes = 0
+        self.reasons: dict[str, int] = {}
+        self._last_startup: float | None = None
+
+    # --- replicas ------------------------------------------------------------------------------------
+
+    def _new_replica(self, now: float, ready_now: bool = False) -> None:
+        self._names += 1
+        r = Replica(f"r{self._names}", self.params, self.max_num_seqs, now, now if ready_now else INF)
+        if self.config.gpu_quota is not None and self._gpus_held() >= self.config.gpu_quota:
+            self.pending.append(r)
+            return
+        self._place(r, now, ready_now)
+
+    def _place(self, r: Replica, now: float, ready_now: bool = False) -> None:
+        r.created = r.t = now
+        r.ready_at = now if ready_now else now + self.config.startup_s
+        self.replicas.append(r)
+        if not ready_now:
+            heapq.heappush(self.heap, (r.ready_at, 0, id(r), -1, r))
+        self._record_gpus(now)
+
+    def _gpus_held(self) -> int:
+        return len(self.replicas) * self.config.gpus_per_replica
+
+    def _record_gpus(self, now: float) -> None:
+        self._gpu_changes.append((now, self._gpus_held()))
+
+    def _schedule(self, r: Replica) -> None:
+        r.version += 1
+        t = r.next_event()
+        if t < INF:
+            heapq.heappush(self.heap, (t, 1, id(r), r.version, r))
+
+    def _ready(self, now: float) -> list[Replica]:
+        return [r for r in self.replicas if r.ready_at <= now and not r.draining]
+
+    def _route(self, req: SimRequest, now: float) -> None:
+        best = None
+        for r in self.replicas:
+            if r.ready_at <= now and not r.draining and (best is None or r.outstanding < best.outstanding):
+                best = r
+        if best is None:
+            self.held.append(req)
+            return
+        best.advance(now)
+        best.admit(req, now)
+        self._schedule(best)
+
+    def _retire_if_drained(self, r: Replica, now: float) -> None:
+        if r.draining and r.outstanding == 0 and r in self.replicas:
+            self.replicas.remove(r)
+            self._record_gpus(now)
+            if self.pending:  # a GPU freed up: the oldest pending replica starts
+                self._place(self.pending.pop(0), now)
+
+    # --- the control loop ----------------------------------------------------------------------------
+
+    def _window_reset(self) -> None:
+        self.w_ttft: list[float] = []
+        self.w_tpot: list[float] = []
+        self.w_in: list[float] = []
+        self.w_out: list[float] = []
+
+    def _observe(self, now: float) -> Observation:
+        steps = step_time = step_seqs = step_tokens = 0.0
+        for r in self.replicas:
+            r.advance(now)
+            s = r.take_step_stats()
+            steps, step_time, step_seqs, step_tokens = steps + s[0], step_time + s[1], step_seqs + s[2], step_tokens + s[3]
+        ready = self._ready(now)
+        starting = [r for r in self.replicas if r.ready_at > now]
+        obs = Observation(
+            time=now, window_s=self.interval_s, desired_replicas=self.desired, ready_replicas=len(ready),
+            pending_replicas=len(self.pending) + sum(1 for r in starting if now - r.created > 2 * self.config.startup_s),
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.params.max_num_batched_tokens,
+            ttft=Histogram.from_values(TTFT_EDGES, self.w_ttft),
+            tpot=Histogram.from_values(TPOT_EDGES, self.w_tpot),
+            prompt_tokens=Histogram.from_values(TOKEN_EDGES, self.w_in),
+            generation_tokens=Histogram.from_values(TOKEN_EDGES, self.w_out),
+            requests_finished=float(len(self.w_ttft)),
+            running=float(sum(r.running for r in self.replicas)),
+            waiting=float(sum(len(r.waiting) for r in self.replicas) + len(self.held)),
+            kv_usage=max((r.kv_usage for r in ready), default=0.0),
+            steps=steps, step_s=step_time / steps if steps else None,
+            step_seqs=step_seqs / steps if steps else None, step_tokens=step_tokens / steps if steps else None,
+            replica_startup_s=self._last_startup,
+            replicas=[ReplicaState(r.name, r.ready_at <= now, r.running, len(r.waiting), r.kv_usage, r.created)
+                      for r in self.replicas if not r.draining],
+        )
+        self._last_startup = None
+        return obs
+
+    def _control(self, now: float) -> None:
+        obs = self._observe(now)
+        decision: Decision = self.policy.decide(obs)
+        self.reasons[decision.action] = self.reasons.get(decision.action, 0) + 1
+        tl = self.timeline
+        tl["time"].append(now)
+        tl["desired"].append(self.desired)
+        tl["ready"].append(obs.ready_replicas)
+        tl["gpus"].append(self._gpus_held())
+        tl["max_num_seqs"].append(self.max_num_seqs)
+        tl["arrival_rate"].append(self._window_arrivals / self.interval_s)
+        tl["ttft_p90"].append(np.percentile(self.w_ttft, 90) if self.w_ttft else np.nan)
+        tl["tpot_p90"].append(np.percentile(self.w_tpot, 90) if self.w_tpot else np.nan)
+        tl["waiting"].append(obs.waiting)
+        self._window_reset()
+        self._window_arrivals = 0
+        if decision.apply:
+            self._apply(decision, now)
+
+    def _apply(self, decision: Decision, now: float) -> None:
+        target = max(0, decision.replicas)
+        if target != self.desired:
+            self.decisions += 1
+        if decision.max_num_seqs != self.max_num_seqs:
+            self.batch_changes += 1
+            self.max_num_seqs = decision.max_num_seqs
+            for r in self.replicas:
+                r.advance(now)
+                r.set_max_num_seqs(self.max_num_seqs, now)
+                self._schedule(r)
+        live = [r for r in self.replicas if not r.draining]
+        while len(live) + len(self.pending) < target:
+            self._new_replica(now)
+            live = [r for r in self.replicas if not r.draining]
+        excess = len(live) + len(self.pending) - target
+        while excess > 0 and self.pending:  # cancel what has no GPU yet
+            self.pending.pop()
+            excess -= 1
+        if excess > 0:
+            by_name = {r.name: r for r in live}
+            chosen = [by_name[n] for n in decision.drain if n in by_name]
+            # Replicas still starting go first, then the policy's choice, then the least loaded.
+            order = sorted(live, key=lambda r: (r.ready_at <= now, r not in chosen, r.outstanding))
+            for r in order[:excess]:
+                r.draining = True
+                self._retire_if_drained(r, now)
+        self.desired = target
+
+    # --- the run -------------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        arrivals, inputs, outputs = self.arrivals.tolist(), self.inputs.tolist(), self.outputs.tolist()
+        n = len(arrivals)
+        requests: list[SimRequest] = []
+        for _ in range(self.config.initial_replicas):
+            self._new_replica(0.0, ready_now=True)
+        self.desired = self.config.initial_replicas
+        next_control = self.interval_s
+        self._window_arrivals = 0
+        i = 0
+        heap = self.heap
+        finished: list[SimRequest] = []
+        in_flight = 0
+        now = 0.0
+        while i < n or in_flight:
+            t_arrival = arrivals[i] if i < n else INF
+            t_event = heap[0][0] if heap else INF
+            if next_control <= t_arrival and next_control <= t_event:
+                now = next_control
+                self._control(now)
+                next_control += self.interval_s
+                continue
+            if t_arrival <= t_event:
+                now = t_arrival
+                req = SimRequest(i, now, int(inputs[i]), int(outputs[i]))
+                requests.append(req)
+                i += 1
+                in_flight += 1
+                self._window_arrivals += 1
+                self._route(req, now)
+                continue
+            now, kind, _, version, r = heapq.heappop(heap)
+            if kind == 0:  # a replica finished starting up
+                if r not in self.replicas or r.ready_at != now:
+                    continue
+                self._last_startup = now - r.created
+                while self.held:
+                    self._route(self.held.popleft(), now)
+                continue
+            if version != r.version:
+                continue
+            r.advance(now)
+            r.process(now, finished)
+            if finished:
+                for req in finished:
+                    self.w_ttft.append(req.first_token - req.arrival)
+                    if req.output_tokens > 1:
+                        self.w_tpot.append((req.finished - req.first_token) / (req.output_tokens - 1))
+                    self.w_in.append(req.input_tokens)
+                    self.w_out.append(req.output_tokens)
+                in_flight -= len(finished)
+                finished.clear()
+                self._retire_if_drained(r, now)
+            self._schedule(r)
+        return self._result(requests, now)
+
+    def _result(self, requests: list[SimRequest], end: float) -> SimResult:
+        changes = self._gpu_changes + [(end, 0)]
+        gpu_seconds = sum((t1 - t0) * g for (t0, g), (t1, _) in zip(changes, changes[1:]))
+        arrival = np.array([r.arrival for r in requests])
+        ttft = np.array([r.first_token - r.arrival for r in requests])
+        tpot = np.array([(r.finished - r.first_token) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+                         for r in requests])
+        return SimResult(
+            policy=getattr(self.policy, "name", type(self.policy).__name__), arrival=arrival, ttft=ttft, tpot=tpot,
+            output_tokens=np.array([r.output_tokens for r in requests]), gpu_seconds=gpu_seconds, duration_s=end,
+            timeline={k: np.array(v, dtype=float) for k, v in self.timeline.items()}, decisions=self.decisions,
+            batch_limit_changes=self.batch_changes, reasons=self.reasons,
+        )

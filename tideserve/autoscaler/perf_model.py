@@ -1,0 +1,189 @@
+"""A per-deployment performance model of one replica running continuous batching.
+
+One engine step costs
+    step = base + per_seq * decode_seqs + per_context_token * context_tokens + per_prefill_token * prefill_tokens
+(weights read once per step; per-sequence work; KV reads grow with context; prefill is compute-bound).
+From it, for a query mix (mean input I, mean output O) at a per-replica request rate lam, steady state gives
+(Little's law: decode_seqs = lam * O * step, prefill per step = lam * I * step):
+    step(lam) = base / (1 - lam * k),   k = per_seq*O + per_context_token*O*(I + O/2) + per_prefill_token*I
+so the mean TPOT is step(lam), and the capacity of a replica at a TPOT target T is lam <= (1 - base/T) / k.
+
+The coefficients start from a bootstrap profile and are refit online (recursive least squares with a prior
+and forgetting) from the step-time windows that workers export (tideserve_step_* metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepTimeParams:
+    base_s: float
+    per_seq_s: float
+    per_context_token_s: float
+    per_prefill_token_s: float
+    kv_capacity_tokens: int
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256  # the engine's hard ceiling for the batch-limit knob
+
+    def step_time(self, decode_seqs: float, context_tokens: float, prefill_tokens: float) -> float:
+        return (self.base_s + self.per_seq_s * decode_seqs + self.per_context_token_s * context_tokens
+                + self.per_prefill_token_s * prefill_tokens)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepTimeParams":
+        return cls(**data)
+
+
+# Llama-3-8B-class model in bf16 on one H100 SXM (3.35 TB/s, ~990 dense bf16 TFLOPS), estimated from published
+# figures: ~150 tok/s single-stream decode (16 GB of weights per step: ~6.5 ms), a per-sequence cost of ~80 us
+# (sampling, activations, scheduling), 128 KiB of KV per token (32 layers x 8 KV heads x 128 x 2 x 2 B) read
+# at bandwidth (~40 ns/token), prefill at ~28k tokens/s (~16 GFLOP/token at ~45% MFU); 80 GB minus weights and
+# activations leaves ~55 GB of KV, ~430k tokens.
+H100_8B = StepTimeParams(
+    base_s=0.0065,
+    per_seq_s=80e-6,
+    per_context_token_s=40e-9,
+    per_prefill_token_s=36e-6,
+    kv_capacity_tokens=430_000,
+    max_num_batched_tokens=8192,
+    max_num_seqs=256,
+)
+
+
+@dataclass(frozen=True)
+class QueryMix:
+    mean_input: float
+    mean_output: float
+    p90_input: float | None = None
+
+    def __post_init__(self):
+        if self.mean_input < 1 or self.mean_output < 1:
+            raise ValueError("mean input and output must be >= 1 token")
+
+    @property
+    def mean_context(self) -> float:
+        return self.mean_input + self.mean_output / 2
+
+
+@dataclass(frozen=True)
+class ReplicaCapacity:
+    rate: float  # requests/s one replica sustains within the SLOs (before headroom)
+    limited_by: str  # tpot | ttft | batch | kv
+    step_s: float  # predicted mean step time at that rate
+
+
+class PerformanceModel:
+    """The step-time coefficients of one deployment, refit online, and what follows from them."""
+
+    FEATURES = ("base_s", "per_seq_s", "per_context_token_s", "per_prefill_token_s")
+
+    def __init__(self, bootstrap: StepTimeParams = H100_8B, prior_weight: float = 50.0, forgetting: float = 0.995):
+        self.params = bootstrap
+        self.forgetting = forgetting
+        self._theta = np.array([getattr(bootstrap, f) for f in self.FEATURES], dtype=float)
+        # Prior precision per coefficient, scaled so each counts like `prior_weight` typical observations.
+        scale = np.array([1.0, 32.0, 32.0 * 1000, 256.0])
+        self._precision = np.diag((prior_weight * scale**2))
+        self._xty = self._precision @ self._theta
+        self.samples = 0
+
+    def observe(self, step_s: float, decode_seqs: float, context_tokens: float, prefill_tokens: float,
+                steps: float = 1.0) -> None:
+        """One window's mean step (weighted by its number of steps): refit the coefficients."""
+        if step_s <= 0 or steps <= 0 or not math.isfinite(step_s):
+            return
+        x = np.array([1.0, decode_seqs, context_tokens, prefill_tokens])
+        w = min(steps, 1000.0)
+        self._precision = self.forgetting * self._precision + w * np.outer(x, x)
+        self._xty = self.forgetting * self._xty + w * x * step_s
+        theta = np.linalg.solve(self._precision, self._xty)
+        theta = np.maximum(theta, [1e-5, 0.0, 0.0, 1e-8])  # physical: every cost is non-negative
+        self._theta = theta
+        self.params = StepTimeParams(*theta, self.params.kv_capacity_tokens, self.params.max_num_batched_tokens,
+                                     self.params.max_num_seqs)
+        self.samples += 1
+
+    def load_coefficient(self, mix: QueryMix) -> float:
+        """k: seconds of step time added per (request/s) of this mix."""
+        p = self.params
+        return (p.per_seq_s * mix.mean_output + p.per_context_token_s * mix.mean_output * mix.mean_context
+                + p.per_prefill_token_s * mix.mean_input)
+
+    def step_time_at(self, rate: float, mix: QueryMix) -> float:
+        """Mean step time (= mean TPOT) of one replica at `rate` requests/s; inf when overloaded."""
+        load = rate * self.load_coefficient(mix)
+        return self.params.base_s / (1 - load) if load < 1 else math.inf
+
+    def ttft_at(self, rate: float, mix: QueryMix) -> float:
+        """Mean TTFT: the prefill of a typical prompt in chunks next to the running decodes, inflated by the
+        queueing of an M/M/1-like server at the replica's utilization."""
+        p = self.params
+        step = self.step_time_at(rate, mix)
+        utilization = rate * self.load_coefficient(mix)
+        if not math.isfinite(step) or utilization >= 1:
+            return math.inf
+        decode_seqs = rate * mix.mean_output * step
+        chunk = max(1.0, p.max_num_batched_tokens - decode_seqs)
+        prefill_steps = max(1.0, math.ceil(mix.mean_input / chunk))
+        service = prefill_steps * step + mix.mean_input * p.per_prefill_token_s
+        return service / (1 - utilization)
+
+    def capacity(self, mix: QueryMix, tpot_target_s: float, ttft_target_s: float, max_num_seqs: int,
+                 tpot_tail: float = 1.0, ttft_tail: float = 1.0) -> ReplicaCapacity:
+        """Highest request rate one replica sustains with predicted mean TPOT * tpot_tail <= tpot target,
+        mean TTFT * ttft_tail <= ttft target, the running batch within max_num_seqs and KV within capacity."""
+        p = self.params
+        k = self.load_coefficient(mix)
+        tpot_goal = tpot_target_s / tpot_tail
+        limits = {"tpot": max(0.0, (1 - p.base_s / tpot_goal) / k) if tpot_goal > p.base_s else 0.0}
+        # Batch: decode_seqs = lam * O * step(lam) <= max_num_seqs  ->  lam * (O*base + B*k) <= B.
+        limits["batch"] = max_num_seqs / (mix.mean_output * p.base_s + max_num_seqs * k)
+        kv_seqs = 0.9 * p.kv_capacity_tokens / mix.mean_context
+        limits["kv"] = kv_seqs / (mix.mean_output * p.base_s + kv_seqs * k)
+        limits["ttft"] = self._bisect(lambda lam: self.ttft_at(lam, mix) * ttft_tail <= ttft_target_s,
+                                      min(limits.values()))
+        limited_by = min(limits, key=limits.get)
+        rate = limits[limited_by]
+        return ReplicaCapacity(rate, limited_by, self.step_time_at(rate, mix))
+
+    @staticmethod
+    def _bisect(ok, upper: float, iterations: int = 40) -> float:
+        lo, hi = 0.0, upper
+        if ok(hi):
+            return hi
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        return lo
+
+    def batch_limit_for_tpot(self, mix: QueryMix, tpot_target_s: float, tpot_tail: float = 1.0) -> int:
+        """The largest max_num_seqs whose full batch keeps TPOT inside the SLO under this mix: a full batch
+        of B decodes also carries the prefill that feeds it, B*I/O tokens per step in steady state."""
+        p = self.params
+        per_seq = p.per_seq_s + p.per_context_token_s * mix.mean_context + p.per_prefill_token_s * (
+            mix.mean_input / mix.mean_output)
+        budget = tpot_target_s / tpot_tail - p.base_s
+        if budget <= 0:
+            return 1
+        return int(max(1, min(p.max_num_seqs, budget // per_seq)))
+
+    def to_dict(self) -> dict:
+        return {"params": self.params.to_dict(), "precision": self._precision.tolist(), "xty": self._xty.tolist(),
+                "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, data: dict, forgetting: float = 0.995) -> "PerformanceModel":
+        model = cls(StepTimeParams.from_dict(data["params"]), forgetting=forgetting)
+        model._precision = np.array(data["precision"])
+        model._xty = np.array(data["xty"])
+        model._theta = np.array([getattr(model.params, f) for f in cls.FEATURES])
+        model.samples = data["samples"]
+        return model
