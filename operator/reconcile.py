@@ -1,0 +1,156 @@
+"""One reconcile of one LLMDeployment: read, compare with the desired state, write only the differences.
+
+Level-based: whatever triggered it (a spec change, an edited or deleted child, a pod event), it reads the
+LLMDeployment and its children fresh and converges them, so running it again with nothing changed sends no
+write at all. Synchronous (the official client is); handlers.py runs it in a thread, one at a time per
+LLMDeployment. The decisions are the pure functions of manifests.py, patching.py and status.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from tideserve.operator import manifests, patching, status as status_mod
+from tideserve.operator.resource import GROUP, PLURAL, VERSION, defaulted
+from tideserve.operator.status import Problem
+from tideserve.operator.validation import validate
+
+# Rejections that retrying will not fix until someone changes something: report them in status instead.
+REJECTED = {400, 403, 422}
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Child:
+    kind: str
+    collection: str  # path to POST to
+    path: str  # path of the object
+
+
+def llmdeployment_path(namespace: str, name: str, subresource: str = "") -> str:
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+    return f"{path}/{subresource}" if subresource else path
+
+
+def children(namespace: str, name: str) -> dict[str, Child]:
+    def child(kind: str, base: str, plural: str) -> Child:
+        collection = f"{base}/namespaces/{namespace}/{plural}"
+        return Child(kind, collection, f"{collection}/{name}")
+
+    return {"Deployment": child("Deployment", "/apis/apps/v1", "deployments"),
+            "Service": child("Service", "/api/v1", "services"),
+            "PodDisruptionBudget": child("PodDisruptionBudget", "/apis/policy/v1", "poddisruptionbudgets")}
+
+
+def _with_precondition(patch: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
+    # A resourceVersion in a patch makes the server refuse it (409) if the object changed since it was read.
+    return {**patch, "metadata": {**patch.get("metadata", {}),
+                                  "resourceVersion": observed["metadata"]["resourceVersion"]}}
+
+
+def _service_patch(desired: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
+    patch = patching.child_patch(desired, observed)
+    # Leaving NodePort or LoadBalancer keeps the allocated nodePorts in the merged ports, which the server
+    # rejects for a ClusterIP Service: send the ports (without nodePorts) along with the type.
+    if "type" in patch.get("spec", {}):
+        patch["spec"]["ports"] = desired["spec"]["ports"]
+    return patch
+
+
+def reconcile(kube, config: manifests.OperatorConfig, namespace: str, name: str,
+              now: datetime.datetime | None = None) -> list[Event]:
+    """Converge one LLMDeployment; returns the events to post on it. Raises ApiException on API errors that
+    are worth retrying (conflicts, server errors, throttling)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    raw = kube.get(llmdeployment_path(namespace, name))
+    if raw is None or raw["metadata"].get("deletionTimestamp"):
+        return []  # gone or going: garbage collection removes the children through their owner references
+    llmd = defaulted(raw)
+    events: list[Event] = []
+    problems = [Problem("InvalidSpec", str(error)) for error in validate(llmd)]
+    paths = children(namespace, name)
+    deployment = kube.get(paths["Deployment"].path)
+    decision = None
+    if not problems:
+        desired = {"Deployment": manifests.build_deployment(llmd, config),
+                   "Service": manifests.build_service(llmd),
+                   "PodDisruptionBudget": manifests.build_pod_disruption_budget(llmd)}
+        for kind, child in paths.items():
+            observed = deployment if kind == "Deployment" else kube.get(child.path)
+            try:
+                result, event, decision_here = _converge_child(kube, llmd, child, desired[kind], observed, now)
+            except ApiException as exc:
+                if exc.status not in REJECTED:
+                    raise
+                problems.append(Problem("ApplyRejected", f"{kind} {name}: {exc.status} {_api_message(exc)}"))
+                continue
+            if isinstance(result, Problem):
+                problems.append(result)
+                if kind == "Deployment":
+                    deployment = None  # someone else's: its replicas say nothing about this LLMDeployment
+                continue
+            if kind == "Deployment":
+                deployment = result
+            if event:
+                events.append(event)
+            decision = decision or decision_here
+    pods = kube.list(f"/api/v1/namespaces/{namespace}/pods", manifests.label_selector(name))
+    new_status = status_mod.compute_status(llmd, deployment, pods, problems, decision, now)
+    events += [Event(*e) for e in status_mod.condition_events(raw.get("status", {}).get("conditions", []),
+                                                                 new_status["conditions"])]
+    patch = status_mod.status_patch(raw.get("status", {}), new_status)
+    if patch:
+        kube.merge_patch(llmdeployment_path(namespace, name, "status"),
+                         _with_precondition({"status": patch}, raw))
+    return events
+
+
+def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, observed: dict[str, Any] | None,
+                    now: datetime.datetime):
+    """Create, patch or delete one child. Returns (the object as it now is or a Problem, an event or None,
+    a scaling decision or None)."""
+    name = llmd["metadata"]["name"]
+    if observed is not None and not manifests.is_owned_by(observed, llmd):
+        return Problem("NameConflict", f"{child.kind} {name} exists and is not owned by this LLMDeployment; "
+                                       "rename or delete it"), None, None
+    if desired is None:
+        if observed is None:
+            return None, None, None
+        kube.delete(child.path, observed["metadata"]["uid"], observed["metadata"]["resourceVersion"])
+        return None, Event("Normal", "Deleted", f"{child.kind} {name} deleted"), None
+    if observed is None:
+        created = kube.create(child.collection, patching.with_last_applied(desired))
+        return created, Event("Normal", "Created", f"{child.kind} {name} created"), None
+    patch = _service_patch(desired, observed) if child.kind == "Service" else patching.child_patch(desired, observed)
+    if not patch:
+        return observed, None, None
+    updated = kube.merge_patch(child.path, _with_precondition(patch, observed))
+    decision = None
+    changed = patching.changed_paths(patch)
+    if child.kind == "Deployment" and "replicas" in patch.get("spec", {}):
+        decision = status_mod.scaling_decision(llmd, observed["spec"].get("replicas", 1), desired["spec"]["replicas"], now)
+        changed.remove("spec.replicas")
+        message = f"Deployment {name} scaled from {decision['from']} to {decision['to']}: {decision['reason']}"
+        if changed:
+            message += f"; also updated {', '.join(changed)}"
+        return updated, Event("Normal", "Scaled", message), decision
+    what = ", ".join(changed) or "bookkeeping annotation"
+    return updated, Event("Normal", "Updated", f"{child.kind} {name} updated: {what}"), None
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body).get("message", exc.reason)
+    except (TypeError, ValueError):
+        return str(exc.reason)

@@ -1,0 +1,54 @@
+"""What an LLMDeployment is to the operator: API coordinates, the CRD's schema, and schema defaulting.
+
+The CRD (package tideserve.crds, the same file as crds/ and the chart's crds/) is the single source of the
+spec's defaults. A real API server applies them before the operator reads an object; the operator applies
+them again because Helm never upgrades CRDs it installed, so an older CRD in the cluster may lack a default
+that this version of the operator relies on. Defaulting twice is harmless: it only fills absent fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.resources
+from typing import Any
+
+import yaml
+
+GROUP = "tideserve.io"
+VERSION = "v1alpha1"
+PLURAL = "llmdeployments"
+KIND = "LLMDeployment"
+API_VERSION = f"{GROUP}/{VERSION}"
+CRD_FILE = "tideserve.io_llmdeployments.yaml"
+
+
+@functools.cache
+def crd() -> dict[str, Any]:
+    return yaml.safe_load(importlib.resources.files("tideserve.crds").joinpath(CRD_FILE).read_text())
+
+
+def openapi_schema() -> dict[str, Any]:
+    (version,) = [v for v in crd()["spec"]["versions"] if v["name"] == VERSION]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the API server does it: absent properties with a `default` get a copy of it
+    (which is defaulted in turn), then defaulting recurses into objects and array items. Returns a new value."""
+    if isinstance(value, dict) and "properties" in schema:
+        result = dict(value)
+        for key, sub_schema in schema["properties"].items():
+            if key not in result and "default" in sub_schema:
+                result[key] = copy.deepcopy(sub_schema["default"])
+            if key in result:
+                result[key] = apply_defaults(sub_schema, result[key])
+        return result
+    if isinstance(value, list) and "items" in schema:
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def defaulted(llmdeployment: dict[str, Any]) -> dict[str, Any]:
+    """The LLMDeployment with every schema default filled in (the input is not modified)."""
+    return apply_defaults(openapi_schema(), llmdeployment)

@@ -1,0 +1,65 @@
+"""The CRD's cross-field rules (its CEL x-kubernetes-validations), restated in Python.
+
+A real API server enforces the CEL rules on every write, so a spec that breaks them never gets stored. The
+operator checks them again before building anything because Helm never upgrades a CRD it installed: a
+cluster may run an older CRD without a rule this operator depends on. tests/test_crd.py evaluates the CRD's
+own CEL rules and this module on the same cases and requires them to agree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str  # a path from the object's root, e.g. "spec.autoscaling.minReplicas"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def validate(llmdeployment: dict[str, Any]) -> list[FieldError]:
+    """Cross-field errors of a defaulted LLMDeployment (see resource.defaulted); empty when it is valid."""
+    errors = []
+    name = llmdeployment.get("metadata", {}).get("name", "")
+    if len(name) > 63 or not DNS_1035_LABEL.match(name):
+        errors.append(FieldError("metadata.name", "must be a DNS-1035 label of at most 63 characters: it also names the Service"))
+
+    spec = llmdeployment["spec"]
+    model, source, engine = spec["model"], spec["model"]["source"], spec["engine"]
+    resources, autoscaling, seasonality = spec["resources"], spec["autoscaling"], spec["seasonality"]
+    if sum(key in source for key in ("path", "pvc", "uri")) != 1:
+        errors.append(FieldError("spec.model.source", "needs exactly one of path, pvc or uri"))
+    if "credentialsSecret" in source and "uri" not in source:
+        errors.append(FieldError("spec.model.source.credentialsSecret", "applies to uri sources only"))
+    if "revision" in model and not source.get("uri", "").startswith("hf://"):
+        errors.append(FieldError("spec.model.revision", "applies to hf:// sources only"))
+    if model["quantization"] != "none" and engine["kind"] != "vllm":
+        errors.append(FieldError("spec.model.quantization",
+                                 "requires engine.kind vllm: the tideserve worker serves unquantized weights only"))
+    if engine["maxNumBatchedTokens"] < engine["maxNumSeqs"]:
+        errors.append(FieldError("spec.engine.maxNumBatchedTokens",
+                                 "must be at least engine.maxNumSeqs: every running sequence needs one token per step"))
+    if engine["kind"] == "vllm" and resources["gpus"] < 1:
+        errors.append(FieldError("spec.resources.gpus",
+                                 "engine.kind vllm needs at least 1: the vllm/vllm-openai image has no CPU backend"))
+    if resources["gpus"] < 1 and resources["gpuType"] != "any":
+        errors.append(FieldError("spec.resources.gpuType", "needs resources.gpus of at least 1"))
+    if autoscaling["minReplicas"] > autoscaling["maxReplicas"]:
+        errors.append(FieldError("spec.autoscaling.minReplicas", "must not exceed autoscaling.maxReplicas"))
+    if autoscaling["maxStep"] > autoscaling["maxReplicas"]:
+        errors.append(FieldError("spec.autoscaling.maxStep", "must not exceed autoscaling.maxReplicas"))
+    slo = spec.get("slo", {})
+    if autoscaling["mode"] != "off" and "ttft" not in slo and "tpot" not in slo:
+        errors.append(FieldError("spec.slo", "autoscaling.mode advisory or active needs an SLO: set slo.ttft or slo.tpot"))
+    if seasonality["leadTimeSeconds"] >= seasonality["periodSeconds"]:
+        errors.append(FieldError("spec.seasonality.leadTimeSeconds", "must be shorter than seasonality.periodSeconds"))
+    if seasonality["enabled"] and autoscaling["mode"] == "off":
+        errors.append(FieldError("spec.seasonality.enabled", "needs autoscaling.mode advisory or active"))
+    return errors

@@ -1,0 +1,108 @@
+"""The Helm chart: `helm lint --strict`, and `helm template` output that passes `kubernetes-validate
+--strict` (Kubernetes 1.35 schemas); custom resources are checked against their own CRDs. Plus the RBAC:
+exactly the verbs the operator uses, namespaced when namespaces are given."""
+
+from __future__ import annotations
+
+import subprocess
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.kube_tools import kube_tool
+
+CHART = "charts/tideserve"
+KUBERNETES_VERSION = "1.35.0"
+VALUE_SETS = {
+    "cluster-wide": [],
+    "namespaced-with-peering": ["--set", "replicaCount=2", "--set", "watchNamespaces={llm,team-a}"],
+}
+
+
+def helm(*args: str) -> str:
+    result = subprocess.run([kube_tool("helm"), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def render(values: list[str]) -> list[dict]:
+    out = helm("template", "tideserve", CHART, "--namespace", "tideserve", "--include-crds", *values)
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_helm_lint_strict(values):
+    helm("lint", "--strict", CHART, *values)
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_rendered_manifests_pass_strict_validation(values):
+    docs = render(values)
+    crds = {(d["spec"]["group"], d["spec"]["names"]["kind"]): d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    assert {kind for _, kind in crds} == {"LLMDeployment", "ClusterKopfPeering", "KopfPeering"}
+    for doc in docs:
+        group = doc["apiVersion"].rpartition("/")[0]
+        if (group, doc["kind"]) in crds:
+            (version,) = crds[group, doc["kind"]]["spec"]["versions"]
+            jsonschema.validate(doc, version["schema"]["openAPIV3Schema"])
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def rules_by_kind(docs: list[dict], kind: str) -> dict[str, set[tuple[str, str]]]:
+    found = {}
+    for doc in docs:
+        if doc["kind"] == kind:
+            key = doc["metadata"].get("namespace", "")
+            found[key] = {(f"{group or 'core'}/{resource}", verb) for rule in doc["rules"]
+                          for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    return found
+
+
+# What the operator calls (operator/reconcile.py and kopf's watches, status patches and events), and nothing else.
+WORKLOAD = {
+    ("tideserve.io/llmdeployments", v) for v in ("get", "list", "watch")} | {
+    ("tideserve.io/llmdeployments/status", "patch")} | {
+    ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch")} | {
+    ("core/services", v) for v in ("get", "list", "watch", "create", "patch")} | {
+    ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
+    ("core/pods", "list"), ("core/pods", "watch"), ("core/events", "create")}
+CRD_DISCOVERY = {("apiextensions.k8s.io/customresourcedefinitions", "list"),
+                 ("apiextensions.k8s.io/customresourcedefinitions", "watch")}
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses():
+    docs = render([])
+    assert rules_by_kind(docs, "ClusterRole") == {"": WORKLOAD | CRD_DISCOVERY}
+    assert rules_by_kind(docs, "Role") == {}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args and not any(a.startswith("--peering") for a in args)
+
+
+def test_namespaced_rbac_with_peering():
+    docs = render(VALUE_SETS["namespaced-with-peering"])
+    namespaces = {("core/namespaces", "list"), ("core/namespaces", "watch")}
+    assert rules_by_kind(docs, "ClusterRole") == {"": CRD_DISCOVERY | namespaces}
+    peering = {("kopf.dev/kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert rules_by_kind(docs, "Role") == {"llm": WORKLOAD | peering, "team-a": WORKLOAD | peering}
+    assert {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] == "KopfPeering"} == {
+        ("KopfPeering", "llm"), ("KopfPeering", "team-a")}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"--namespace=llm", "--namespace=team-a", "--peering=tideserve"} <= set(container["args"])
+    assert deployment["spec"]["replicas"] == 2
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_operator_arguments_are_accepted_by_tideserve_operator():
+    """The chart's args parse with the real CLI, so a renamed flag cannot ship."""
+    from tideserve.cli import build_parser
+
+    for values in VALUE_SETS.values():
+        (deployment,) = [d for d in render(values) if d["kind"] == "Deployment"]
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        parsed = build_parser().parse_args(["operator", *args])
+        assert parsed.liveness_endpoint == "http://0.0.0.0:8080/healthz"

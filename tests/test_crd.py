@@ -1,0 +1,231 @@
+"""The LLMDeployment CRD: structural, every example valid, invalid resources rejected naming the field.
+
+A real API server validates a custom resource in three steps, emulated here in the same order: structural
+defaulting, the OpenAPI schema (checked with jsonschema), then the CEL x-kubernetes-validations rules
+(evaluated with cel-python, the CRD's own expressions). The operator's Python restatement of the CEL rules
+(validation.py) must reach the same verdict on every case.
+"""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import glob
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+
+from tideserve.operator.resource import CRD_FILE, apply_defaults, crd, openapi_schema
+from tideserve.operator.validation import validate
+
+EXAMPLES = sorted(glob.glob("examples/*.yaml"))
+
+
+def json_schema(node: Any) -> Any:
+    """OpenAPI v3 (as CRDs use it) to JSON schema: drop the Kubernetes extensions, and refuse unknown fields
+    as the API server's strict field validation (kubectl's default) does."""
+    if isinstance(node, dict):
+        result = {k: json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            result.setdefault("additionalProperties", False)
+        return result
+    if isinstance(node, list):
+        return [json_schema(v) for v in node]
+    return node
+
+
+def schema_errors(obj: dict) -> list[str]:
+    validator = jsonschema.Draft7Validator(json_schema(openapi_schema()))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def cel_errors(schema: dict, value: Any, path: str = "") -> list[str]:
+    """Evaluate every x-kubernetes-validations rule on the value its schema node describes."""
+    errors = []
+    env = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = env.program(env.compile(rule["rule"]))
+        if not program.evaluate({"self": celpy.json_to_cel(value)}):
+            field = (path + rule.get("fieldPath", "")).lstrip(".")
+            errors.append(f"{field or '<root>'}: {rule['message']}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += cel_errors(sub, value[key], f"{path}.{key}")
+    return errors
+
+
+def admit(obj: dict) -> list[str]:
+    """What a real API server answers to a create: defaults, then schema, then CEL (only on a valid schema)."""
+    defaulted = apply_defaults(openapi_schema(), obj)
+    return schema_errors(defaulted) or cel_errors(openapi_schema(), defaulted)
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        obj = yaml.safe_load(f)
+    obj["metadata"].setdefault("namespace", "default")
+    return obj
+
+
+def minimal() -> dict:
+    return load("examples/minimal.yaml")
+
+
+def test_chart_and_package_ship_the_same_crd():
+    assert filecmp.cmp(f"crds/{CRD_FILE}", f"charts/tideserve/crds/{CRD_FILE}", shallow=False)
+    assert crd() == yaml.safe_load(open(f"crds/{CRD_FILE}"))
+
+
+def test_schema_is_structural_and_described():
+    missing = []
+
+    def walk(node: dict, path: str, named: bool) -> None:
+        if "type" not in node and not node.get("x-kubernetes-int-or-string"):
+            missing.append(f"{path}: no type")
+        if named and "description" not in node:
+            missing.append(f"{path}: no description")
+        for key, sub in node.get("properties", {}).items():
+            walk(sub, f"{path}.{key}", True)
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]", False)
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}{{}}", False)
+
+    for key in ("spec", "status"):
+        walk(openapi_schema()["properties"][key], f".{key}", True)
+    assert not missing, missing
+
+
+def test_crd_declares_scale_status_printer_columns_and_short_name():
+    (version,) = crd()["spec"]["versions"]
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Model"] == ".spec.model.name" and columns["Ready"].startswith(".status.conditions")
+    assert {"Desired", "Ready-Replicas", "TTFT-P90-ms", "TPOT-P90-ms", "Max-Seqs", "Age"} <= set(columns)
+    assert crd()["spec"]["names"]["shortNames"] == ["llmd"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES)
+def test_every_example_is_admitted(path):
+    obj = load(path)
+    assert admit(obj) == []
+    assert validate(apply_defaults(openapi_schema(), obj)) == []
+
+
+def test_there_is_a_minimal_a_full_and_a_vllm_example():
+    assert {"examples/minimal.yaml", "examples/full.yaml", "examples/vllm.yaml"} <= set(EXAMPLES)
+    assert load("examples/vllm.yaml")["spec"]["engine"]["kind"] == "vllm"
+
+
+def test_the_full_example_sets_every_spec_field():
+    unset = []
+
+    def walk(schema: dict, value: Any, path: str) -> None:
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value:
+                if key not in ("path", "pvc") or path != "spec.model.source":  # one source only
+                    unset.append(f"{path}.{key}")
+            elif isinstance(value[key], dict) and "properties" in sub:
+                walk(sub, value[key], f"{path}.{key}")
+
+    walk(openapi_schema()["properties"]["spec"], load("examples/full.yaml")["spec"], "spec")
+    assert not unset, unset
+
+
+def with_change(change: dict) -> dict:
+    obj = minimal()
+
+    def merge(target: dict, patch: dict) -> None:
+        for key, value in patch.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                merge(target[key], value)
+            elif value is None:
+                target.pop(key, None)
+            else:
+                target[key] = copy.deepcopy(value)
+
+    merge(obj, change)
+    return obj
+
+
+# (change to the minimal example, the field the rejection must name)
+SCHEMA_CASES = [
+    ({"spec": {"replicas": -1}}, "spec.replicas"),
+    ({"spec": {"engine": {"kind": "tgi"}}}, "spec.engine.kind"),
+    ({"spec": {"engine": {"maxNumSeqs": 0}}}, "spec.engine.maxNumSeqs"),
+    ({"spec": {"resources": {"gpus": 17}}}, "spec.resources.gpus"),
+    ({"spec": {"resources": {"memory": "lots"}}}, "spec.resources.memory"),
+    ({"spec": {"model": {"source": {"path": None, "uri": "ftp://models/x"}}}}, "spec.model.source.uri"),
+    ({"spec": {"model": {"name": None}}}, "spec.model"),
+    ({"spec": {"autoscaling": {"mode": "on"}}}, "spec.autoscaling.mode"),
+    ({"spec": {"slo": {"ttft": {"percentile": 99.99, "targetMs": 500}}}}, "spec.slo.ttft.percentile"),
+    ({"spec": {"service": {"type": "ExternalName"}}}, "spec.service.type"),
+    ({"spec": {"unknownField": 1}}, "spec"),
+]
+CEL_CASES = [
+    ({"metadata": {"name": "9-starts-with-a-digit"}}, "metadata.name"),
+    ({"spec": {"model": {"source": {"uri": "hf://org/model"}}}}, "spec.model.source"),
+    ({"spec": {"model": {"source": {"path": None}}}}, "spec.model.source"),
+    ({"spec": {"model": {"source": {"credentialsSecret": {"name": "s"}}}}}, "spec.model.source.credentialsSecret"),
+    ({"spec": {"model": {"revision": "main"}}}, "spec.model.revision"),
+    ({"spec": {"model": {"quantization": "awq"}}}, "spec.model.quantization"),
+    ({"spec": {"engine": {"kind": "vllm"}}}, "spec.resources.gpus"),
+    ({"spec": {"resources": {"gpuType": "nvidia-h100-80gb"}}}, "spec.resources.gpuType"),
+    ({"spec": {"engine": {"maxNumSeqs": 256, "maxNumBatchedTokens": 128}}}, "spec.engine.maxNumBatchedTokens"),
+    ({"spec": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}, "spec.autoscaling.minReplicas"),
+    ({"spec": {"autoscaling": {"maxStep": 5, "maxReplicas": 2}}}, "spec.autoscaling.maxStep"),
+    ({"spec": {"autoscaling": {"mode": "active"}}}, "spec.slo"),
+    ({"spec": {"seasonality": {"enabled": True}}}, "spec.seasonality.enabled"),
+    ({"spec": {"seasonality": {"periodSeconds": 3600, "leadTimeSeconds": 3600}}}, "spec.seasonality.leadTimeSeconds"),
+]
+
+
+@pytest.mark.parametrize("change,field", SCHEMA_CASES)
+def test_schema_rejects_naming_the_field(change, field):
+    errors = admit(with_change(change))
+    assert errors, "admitted"
+    assert any(e.split(":")[0] == field for e in errors), errors
+
+
+@pytest.mark.parametrize("change,field", CEL_CASES)
+def test_cel_rules_reject_naming_the_field_and_the_operator_agrees(change, field):
+    obj = with_change(change)
+    defaulted = apply_defaults(openapi_schema(), obj)
+    assert schema_errors(defaulted) == []  # the schema alone lets it through
+    cel = cel_errors(openapi_schema(), defaulted)
+    assert [e.split(":")[0] for e in cel] == [field], cel
+    assert [e.field for e in validate(defaulted)] == [field]
+
+
+def test_every_cel_rule_has_a_case():
+    rules = []
+
+    def walk(node: dict) -> None:
+        rules.extend(r["rule"] for r in node.get("x-kubernetes-validations", []))
+        for sub in node.get("properties", {}).values():
+            walk(sub)
+
+    walk(openapi_schema())
+    fired = set()
+    for change, _ in CEL_CASES:
+        defaulted = apply_defaults(openapi_schema(), with_change(change))
+        for rule in rules:
+            single = _only_rule(openapi_schema(), rule)
+            if cel_errors(single, defaulted):
+                fired.add(rule)
+    assert set(rules) == fired, set(rules) - fired
+
+
+def _only_rule(schema: dict, rule: str) -> dict:
+    """The schema with every CEL rule removed except one."""
+    result = {k: v for k, v in schema.items() if k not in ("properties", "x-kubernetes-validations")}
+    result["x-kubernetes-validations"] = [r for r in schema.get("x-kubernetes-validations", []) if r["rule"] == rule]
+    if "properties" in schema:
+        result["properties"] = {k: _only_rule(v, rule) for k, v in schema["properties"].items()}
+    return result
