@@ -12,12 +12,13 @@ import math
 from collections import deque
 
 from tideserve.autoscaler.observation import Decision, Observation
-from tideserve.autoscaler.perf_model import PerformanceModel, QueryMix, StepTimeParams
+from tideserve.autoscaler.perf_model import BatchLimits, PerformanceModel, QueryMix, StepTimeParams
 
 
 def _hold(obs: Observation, replicas: int, reason: str) -> Decision:
     action = "scale-up" if replicas > obs.desired_replicas else "scale-down" if replicas < obs.desired_replicas else "hold"
-    return Decision(time=obs.time, replicas=replicas, max_num_seqs=obs.max_num_seqs, reason=reason, action=action)
+    return Decision(time=obs.time, replicas=replicas, max_num_seqs=obs.max_num_seqs,
+                    max_num_batched_tokens=obs.max_num_batched_tokens, reason=reason, action=action)
 
 
 class StaticPolicy:
@@ -35,7 +36,8 @@ class StaticPolicy:
 def static_replicas(rate: float, mix: QueryMix, params: StepTimeParams, ttft_s: float, tpot_s: float,
                     max_num_seqs: int, utilization: float = 0.9) -> int:
     """Replicas that carry `rate` at `utilization` of the SLO capacity of one replica (mean latencies)."""
-    capacity = PerformanceModel(params).capacity(mix, tpot_s, ttft_s, max_num_seqs).rate
+    limits = BatchLimits(max_num_seqs, params.max_num_batched_tokens)
+    capacity = PerformanceModel(params).capacity(mix, tpot_s, ttft_s, limits).rate
     return max(1, math.ceil(rate / (capacity * utilization)))
 
 
@@ -136,7 +138,8 @@ class DynamoPlannerPolicy:
         if self.isl.level is None:
             return _hold(obs, obs.desired_replicas, "warming up")
         mix = QueryMix(max(1.0, self.isl.level), max(1.0, self.osl.level))
-        capacity = self.model.capacity(mix, self.tpot_slo, self.ttft_slo, self.max_num_seqs).rate
+        limits = BatchLimits(self.max_num_seqs, self.model.params.max_num_batched_tokens)
+        capacity = self.model.capacity(mix, self.tpot_slo, self.ttft_slo, limits).rate
         desired = max(self.min, min(self.max, math.ceil(demand / capacity))) if demand > 0 else self.min
         return _hold(obs, desired, f"dynamo demand {demand:.1f} req/s / {capacity:.1f} per engine")
 

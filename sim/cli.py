@@ -66,7 +66,7 @@ def _peak_and_mean(arrivals, inputs, outputs, window_s: float = 300.0):
 
 def build_policy(name: str, args, params, workload):
     from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
-    from tideserve.autoscaler.perf_model import PerformanceModel
+    from tideserve.autoscaler.perf_model import BatchLimits, PerformanceModel
     from tideserve.autoscaler.slo import PercentileSLO
     from tideserve.sim import baselines as b
 
@@ -77,15 +77,15 @@ def build_policy(name: str, args, params, workload):
         return TideservePolicy(PolicyConfig(
             ttft=PercentileSLO(args.percentile, ttft_s), tpot=PercentileSLO(args.percentile, tpot_s),
             attainment_target=args.attainment, max_replicas=args.max_replicas, season_period_s=period,
-            season_slot_s=period / 144, default_startup_s=args.startup_s, engine_max_num_seqs=args.max_num_seqs,
-            bootstrap=params))
+            season_slot_s=period / 144, default_startup_s=args.startup_s, bootstrap=params))
     if name == "static-peak":
-        return b.StaticPolicy(name, b.static_replicas(peak_rate, peak_mix, params, ttft_s, tpot_s, args.max_num_seqs))
+        return b.StaticPolicy(name, args._static_peak)
     if name == "static-mean":
-        return b.StaticPolicy(name, b.static_replicas(mean_rate, mean_mix, params, ttft_s, tpot_s, args.max_num_seqs))
+        return b.StaticPolicy(name, max(1, math.ceil(args._static_peak * mean_rate / peak_rate)))
     if name == "hpa":
         model = PerformanceModel(params)
-        capacity = model.capacity(mean_mix, tpot_s, ttft_s, args.max_num_seqs).rate
+        limits = BatchLimits(args.max_num_seqs, params.max_num_batched_tokens)
+        capacity = model.capacity(mean_mix, tpot_s, ttft_s, limits).rate
         target = 0.7 * capacity * mean_mix.mean_output * model.step_time_at(0.7 * capacity, mean_mix)
         return b.HPAPolicy(max(1.0, target), max_replicas=args.max_replicas)
     if name == "llm-d":
@@ -95,6 +95,34 @@ def build_policy(name: str, args, params, workload):
     if name == "kubeai":
         return b.KubeAIPolicy(args.kubeai_target, max_replicas=args.max_replicas)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+
+
+def static_peak_replicas(args, params, workload, window_s: float = 300.0, margin_s: float = 600.0) -> int:
+    """Provisioning for the peak, as an operator would size it: the fewest fixed replicas that meet the
+    attainment goal on the busiest stretch of the trace (its busiest 5 minutes with 10 minutes either side),
+    found by simulating that stretch."""
+    from tideserve.sim.baselines import StaticPolicy
+    from tideserve.sim.report import summarize
+    from tideserve.sim.simulator import SimConfig, Simulation
+
+    arrivals, inputs, outputs = workload
+    peak = int(np.argmax(np.bincount((arrivals // window_s).astype(int))))
+    start, end = peak * window_s - margin_s, (peak + 1) * window_s + margin_s
+    sel = (arrivals >= start) & (arrivals < end)
+    segment = (arrivals[sel] - arrivals[sel][0], inputs[sel], outputs[sel])
+
+    def meets(n: int) -> bool:
+        result = Simulation(*segment, StaticPolicy("static", n), SimConfig(
+            params=params, initial_replicas=n, initial_max_num_seqs=args.max_num_seqs)).run()
+        return summarize(result, args.ttft_ms / 1000, args.tpot_ms / 1000)["request_attainment"] >= args.attainment
+
+    lo, hi = 1, args.max_replicas
+    if not meets(hi):
+        return hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(mid) else (mid + 1, hi)
+    return lo
 
 
 def _run_one(task):
@@ -140,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot read trace: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    if {"static-peak", "static-mean"} & set(names):
+        args._static_peak = static_peak_replicas(args, params, workload)
     tasks = [(n, args, params, workload) for n in names]
     if args.workers > 1 and len(tasks) > 1:
         with multiprocessing.get_context("fork").Pool(min(args.workers, len(tasks))) as pool:

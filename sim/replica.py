@@ -33,13 +33,15 @@ class SimRequest:
 
 class Replica:
     __slots__ = (
-        "name", "params", "max_num_seqs", "created", "ready_at", "draining", "v", "t", "step", "decoding", "context",
-        "prefill", "backlog", "pstep_tokens", "pstep_end", "waiting", "version", "steps", "step_time_sum",
+        "name", "params", "max_num_seqs", "max_num_batched_tokens", "created", "ready_at", "draining", "v", "t", "step", "decoding", "context",
+        "prefill", "backlog", "pstep_tokens", "pstep_end", "waiting", "outstanding", "version", "steps", "step_time_sum",
         "step_seq_sum", "step_token_sum",
     )
 
-    def __init__(self, name: str, params: StepTimeParams, max_num_seqs: int, created: float, ready_at: float):
-        self.name, self.params, self.max_num_seqs = name, params, max_num_seqs
+    def __init__(self, name: str, params: StepTimeParams, max_num_seqs: int, max_num_batched_tokens: int,
+                 created: float, ready_at: float):
+        self.name, self.params = name, params
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.created, self.ready_at = created, ready_at
         self.draining = False
         self.v = 0.0
@@ -51,13 +53,10 @@ class Replica:
         self.pstep_tokens = 0  # prompt tokens in the current step
         self.pstep_end = INF
         self.waiting: deque[SimRequest] = deque()  # not admitted: max_num_seqs reached or KV full
+        self.outstanding = 0  # requests routed here and not finished (the router's least-outstanding key)
         self.version = 0
         self.steps = self.step_time_sum = self.step_seq_sum = self.step_token_sum = 0.0
         self.step = params.base_s
-
-    @property
-    def outstanding(self) -> int:
-        return len(self.decoding) + len(self.prefill) + len(self.waiting)
 
     @property
     def running(self) -> int:
@@ -96,6 +95,7 @@ class Replica:
         return t
 
     def admit(self, request: SimRequest, now: float) -> None:
+        self.outstanding += 1
         self.waiting.append(request)
         self._admit_waiting(now)
 
@@ -115,7 +115,7 @@ class Replica:
             self._recompute_step()
 
     def _start_prefill_step(self, now: float) -> None:
-        chunk = max(1, self.params.max_num_batched_tokens - len(self.decoding))
+        chunk = max(1, self.max_num_batched_tokens - len(self.decoding))
         self.pstep_tokens = min(self.backlog, chunk)
         self._recompute_step()
         self.pstep_end = now + self.step
@@ -137,6 +137,7 @@ class Replica:
                 if r.output_tokens <= 1:
                     r.finished = now
                     finished.append(r)
+                    self.outstanding -= 1
                 else:
                     self.context += r.input_tokens + 1
                     heapq.heappush(self.decoding, (self.v + r.output_tokens - 1, r.idx, r))
@@ -147,12 +148,15 @@ class Replica:
             r.finished = now
             self.context -= r.input_tokens + r.output_tokens
             finished.append(r)
+            self.outstanding -= 1
         if not decoding:
             self.context = 0.0
         self._admit_waiting(now)
 
-    def set_max_num_seqs(self, limit: int, now: float) -> None:
-        self.max_num_seqs = limit
+    def set_limits(self, max_num_seqs: int, max_num_batched_tokens: int, now: float) -> None:
+        """New batch limits apply from the next step; sequences beyond a lower max_num_seqs are not dropped,
+        the replica just admits no more until it is below the limit."""
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self._admit_waiting(now)
 
     def take_step_stats(self) -> tuple[float, float, float, float]:

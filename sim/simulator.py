@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,10 +29,13 @@ class SimConfig:
     startup_s: float = 90.0  # pod scheduled -> model loaded -> ready
     initial_replicas: int = 1
     initial_max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: the params' value
+    initial_max_num_batched_tokens: int | None = None  # default: the params' value
     gpus_per_replica: int = 1
     gpu_quota: int | None = None  # replicas beyond it stay Pending (no GPU free)
     interval_s: float = 15.0  # control interval (a policy may bring its own)
+
+
+_by_outstanding = operator.attrgetter("outstanding")
 
 
 @dataclass
@@ -57,12 +61,11 @@ class Simulation:
         self.policy = policy
         self.config = config
         self.interval_s = getattr(policy, "interval_s", None) or config.interval_s
-        params = config.params
-        if config.max_num_batched_tokens:
-            params = StepTimeParams(**{**params.to_dict(), "max_num_batched_tokens": config.max_num_batched_tokens})
-        self.params = params
+        self.params = config.params
         self.max_num_seqs = config.initial_max_num_seqs
+        self.max_num_batched_tokens = config.initial_max_num_batched_tokens or config.params.max_num_batched_tokens
         self.replicas: list[Replica] = []
+        self.routable: list[Replica] = []  # ready and not draining
         self.pending: list[Replica] = []  # created, waiting for a GPU
         self.heap: list = []
         self._names = 0
@@ -70,7 +73,8 @@ class Simulation:
         self.desired = 0
         self._gpu_changes: list[tuple[float, int]] = [(0.0, 0)]
         self._window_reset()
-        self.timeline = {k: [] for k in ("time", "desired", "ready", "gpus", "max_num_seqs", "arrival_rate",
+        self.timeline = {k: [] for k in ("time", "desired", "ready", "gpus", "max_num_seqs", "max_num_batched_tokens",
+                                          "arrival_rate",
                                           "ttft_p90", "tpot_p90", "waiting")}
         self.decisions = self.batch_changes = 0
         self.reasons: dict[str, int] = {}
@@ -80,7 +84,8 @@ class Simulation:
 
     def _new_replica(self, now: float, ready_now: bool = False) -> None:
         self._names += 1
-        r = Replica(f"r{self._names}", self.params, self.max_num_seqs, now, now if ready_now else INF)
+        r = Replica(f"r{self._names}", self.params, self.max_num_seqs, self.max_num_batched_tokens, now,
+                    now if ready_now else INF)
         if self.config.gpu_quota is not None and self._gpus_held() >= self.config.gpu_quota:
             self.pending.append(r)
             return
@@ -90,7 +95,9 @@ class Simulation:
         r.created = r.t = now
         r.ready_at = now if ready_now else now + self.config.startup_s
         self.replicas.append(r)
-        if not ready_now:
+        if ready_now:
+            self.routable.append(r)
+        else:
             heapq.heappush(self.heap, (r.ready_at, 0, id(r), -1, r))
         self._record_gpus(now)
 
@@ -110,13 +117,11 @@ class Simulation:
         return [r for r in self.replicas if r.ready_at <= now and not r.draining]
 
     def _route(self, req: SimRequest, now: float) -> None:
-        best = None
-        for r in self.replicas:
-            if r.ready_at <= now and not r.draining and (best is None or r.outstanding < best.outstanding):
-                best = r
-        if best is None:
+        """Least outstanding requests among ready replicas that are not draining."""
+        if not self.routable:
             self.held.append(req)
             return
+        best = min(self.routable, key=_by_outstanding)
         best.advance(now)
         best.admit(req, now)
         self._schedule(best)
@@ -147,7 +152,7 @@ class Simulation:
         obs = Observation(
             time=now, window_s=self.interval_s, desired_replicas=self.desired, ready_replicas=len(ready),
             pending_replicas=len(self.pending) + sum(1 for r in starting if now - r.created > 2 * self.config.startup_s),
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.params.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             ttft=Histogram.from_values(TTFT_EDGES, self.w_ttft),
             tpot=Histogram.from_values(TPOT_EDGES, self.w_tpot),
             prompt_tokens=Histogram.from_values(TOKEN_EDGES, self.w_in),
@@ -175,6 +180,7 @@ class Simulation:
         tl["ready"].append(obs.ready_replicas)
         tl["gpus"].append(self._gpus_held())
         tl["max_num_seqs"].append(self.max_num_seqs)
+        tl["max_num_batched_tokens"].append(self.max_num_batched_tokens)
         tl["arrival_rate"].append(self._window_arrivals / self.interval_s)
         tl["ttft_p90"].append(np.percentile(self.w_ttft, 90) if self.w_ttft else np.nan)
         tl["tpot_p90"].append(np.percentile(self.w_tpot, 90) if self.w_tpot else np.nan)
@@ -188,12 +194,13 @@ class Simulation:
         target = max(0, decision.replicas)
         if target != self.desired:
             self.decisions += 1
-        if decision.max_num_seqs != self.max_num_seqs:
+        limits = (decision.max_num_seqs, decision.max_num_batched_tokens)
+        if limits != (self.max_num_seqs, self.max_num_batched_tokens):
             self.batch_changes += 1
-            self.max_num_seqs = decision.max_num_seqs
+            self.max_num_seqs, self.max_num_batched_tokens = limits
             for r in self.replicas:
                 r.advance(now)
-                r.set_max_num_seqs(self.max_num_seqs, now)
+                r.set_limits(*limits, now)
                 self._schedule(r)
         live = [r for r in self.replicas if not r.draining]
         while len(live) + len(self.pending) < target:
@@ -210,6 +217,8 @@ class Simulation:
             order = sorted(live, key=lambda r: (r.ready_at <= now, r not in chosen, r.outstanding))
             for r in order[:excess]:
                 r.draining = True
+                if r in self.routable:
+                    self.routable.remove(r)
                 self._retire_if_drained(r, now)
         self.desired = target
 
@@ -248,8 +257,9 @@ class Simulation:
                 continue
             now, kind, _, version, r = heapq.heappop(heap)
             if kind == 0:  # a replica finished starting up
-                if r not in self.replicas or r.ready_at != now:
+                if r not in self.replicas or r.ready_at != now or r.draining:
                     continue
+                self.routable.append(r)
                 self._last_startup = now - r.created
                 while self.held:
                     self._route(self.held.popleft(), now)

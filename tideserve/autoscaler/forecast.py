@@ -106,7 +106,7 @@ class SeasonalForecaster:
         decay = 0.5 ** (dt / self.level_halflife_s) if self.level_halflife_s > 0 else 0.0
         self.live_rate = rate if self.live_rate is None else decay * self.live_rate + (1 - decay) * rate
         if mean_input is not None and mean_output is not None:
-            short = 0.5 ** (dt / 300.0)  # the mix follows within minutes
+            short = 0.5 ** (dt / 60.0)  # the mix follows within a minute or two
             self.live_input = mean_input if self.live_input is None else short * self.live_input + (1 - short) * mean_input
             self.live_output = (mean_output if self.live_output is None
                                 else short * self.live_output + (1 - short) * mean_output)

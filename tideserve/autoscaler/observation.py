@@ -54,6 +54,7 @@ class Decision:
     time: float
     replicas: int
     max_num_seqs: int
+    max_num_batched_tokens: int
     reason: str
     action: str  # scale-up | scale-down | hold | batch-limit
     apply: bool = True  # False in advisory mode: report, do not act

@@ -27,7 +27,7 @@ class StepTimeParams:
     per_context_token_s: float
     per_prefill_token_s: float
     kv_capacity_tokens: int
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 2048  # vLLM's default token budget for the OpenAI server with chunked prefill
     max_num_seqs: int = 256  # the engine's hard ceiling for the batch-limit knob
 
     def step_time(self, decode_seqs: float, context_tokens: float, prefill_tokens: float) -> float:
@@ -53,8 +53,6 @@ H100_8B = StepTimeParams(
     per_context_token_s=40e-9,
     per_prefill_token_s=36e-6,
     kv_capacity_tokens=430_000,
-    max_num_batched_tokens=8192,
-    max_num_seqs=256,
 )
 
 
@@ -71,6 +69,16 @@ class QueryMix:
     @property
     def mean_context(self) -> float:
         return self.mean_input + self.mean_output / 2
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+# Candidate per-step token budgets (prefill chunk sizes) the policy chooses from.
+TOKEN_BUDGETS = (256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
@@ -122,36 +130,55 @@ class PerformanceModel:
         load = rate * self.load_coefficient(mix)
         return self.params.base_s / (1 - load) if load < 1 else math.inf
 
-    def ttft_at(self, rate: float, mix: QueryMix) -> float:
-        """Mean TTFT: the prefill of a typical prompt in chunks next to the running decodes, inflated by the
-        queueing of an M/M/1-like server at the replica's utilization."""
-        p = self.params
-        step = self.step_time_at(rate, mix)
-        utilization = rate * self.load_coefficient(mix)
-        if not math.isfinite(step) or utilization >= 1:
-            return math.inf
-        decode_seqs = rate * mix.mean_output * step
-        chunk = max(1.0, p.max_num_batched_tokens - decode_seqs)
-        prefill_steps = max(1.0, math.ceil(mix.mean_input / chunk))
-        service = prefill_steps * step + mix.mean_input * p.per_prefill_token_s
-        return service / (1 - utilization)
+    def decode_batch_at(self, rate: float, mix: QueryMix, max_num_seqs: int) -> float:
+        """Running decodes in steady state (Little's law), capped by the batch limit."""
+        return min(float(max_num_seqs), rate * mix.mean_output * self.step_time_at(rate, mix))
 
-    def capacity(self, mix: QueryMix, tpot_target_s: float, ttft_target_s: float, max_num_seqs: int,
+    def busy_step(self, decode_seqs: float, mix: QueryMix, max_num_batched_tokens: int) -> float:
+        """A step that carries a full prefill chunk next to the decodes: what every step costs while prompts
+        queue up (a burst), so it bounds the TPOT of requests decoding through one."""
+        chunk = max(0.0, max_num_batched_tokens - decode_seqs)
+        return self.params.step_time(decode_seqs, decode_seqs * mix.mean_context, chunk)
+
+    def tpot_tail_at(self, rate: float, mix: QueryMix, limits: BatchLimits, tail: float) -> float:
+        """Predicted tail TPOT: the mean step inflated by the observed tail factor, but never beyond the busy
+        step that the token budget allows (chunked prefill bounds the step)."""
+        mean = self.step_time_at(rate, mix)
+        if not math.isfinite(mean):
+            return math.inf
+        busy = self.busy_step(self.decode_batch_at(rate, mix, limits.max_num_seqs), mix, limits.max_num_batched_tokens)
+        return max(mean, min(busy, mean * tail))
+
+    def ttft_at(self, rate: float, mix: QueryMix, limits: BatchLimits) -> float:
+        """Mean TTFT: the prompt's own chunks, each a busy step, inflated by the queueing of the prefill budget
+        (an M/M/1-like server whose utilization is the share of the per-step token budget used by prompts)."""
+        if not math.isfinite(self.step_time_at(rate, mix)):
+            return math.inf
+        decodes = self.decode_batch_at(rate, mix, limits.max_num_seqs)
+        chunk = max(1.0, limits.max_num_batched_tokens - decodes)
+        busy = self.busy_step(decodes, mix, limits.max_num_batched_tokens)
+        utilization = rate * mix.mean_input * busy / chunk
+        if utilization >= 1:
+            return math.inf
+        return math.ceil(mix.mean_input / chunk) * busy / (1 - utilization)
+
+    def capacity(self, mix: QueryMix, tpot_target_s: float, ttft_target_s: float, limits: BatchLimits,
                  tpot_tail: float = 1.0, ttft_tail: float = 1.0) -> ReplicaCapacity:
-        """Highest request rate one replica sustains with predicted mean TPOT * tpot_tail <= tpot target,
-        mean TTFT * ttft_tail <= ttft target, the running batch within max_num_seqs and KV within capacity."""
+        """Highest request rate one replica sustains under these batch limits with the predicted tail TPOT
+        and tail TTFT within their targets, the running batch within max_num_seqs and KV within capacity."""
         p = self.params
         k = self.load_coefficient(mix)
-        tpot_goal = tpot_target_s / tpot_tail
-        limits = {"tpot": max(0.0, (1 - p.base_s / tpot_goal) / k) if tpot_goal > p.base_s else 0.0}
-        # Batch: decode_seqs = lam * O * step(lam) <= max_num_seqs  ->  lam * (O*base + B*k) <= B.
-        limits["batch"] = max_num_seqs / (mix.mean_output * p.base_s + max_num_seqs * k)
+        b = limits.max_num_seqs
+        # Batch: decode_seqs = lam * O * step(lam) <= B  ->  lam * (O*base + B*k) <= B; the same for KV.
+        found = {"batch": b / (mix.mean_output * p.base_s + b * k)}
         kv_seqs = 0.9 * p.kv_capacity_tokens / mix.mean_context
-        limits["kv"] = kv_seqs / (mix.mean_output * p.base_s + kv_seqs * k)
-        limits["ttft"] = self._bisect(lambda lam: self.ttft_at(lam, mix) * ttft_tail <= ttft_target_s,
-                                      min(limits.values()))
-        limited_by = min(limits, key=limits.get)
-        rate = limits[limited_by]
+        found["kv"] = kv_seqs / (mix.mean_output * p.base_s + kv_seqs * k)
+        upper = min(found.values())
+        found["tpot"] = self._bisect(lambda lam: self.tpot_tail_at(lam, mix, limits, tpot_tail) <= tpot_target_s,
+                                     upper)
+        found["ttft"] = self._bisect(lambda lam: self.ttft_at(lam, mix, limits) * ttft_tail <= ttft_target_s, upper)
+        limited_by = min(found, key=found.get)
+        rate = found[limited_by]
         return ReplicaCapacity(rate, limited_by, self.step_time_at(rate, mix))
 
     @staticmethod
@@ -164,16 +191,35 @@ class PerformanceModel:
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         return lo
 
-    def batch_limit_for_tpot(self, mix: QueryMix, tpot_target_s: float, tpot_tail: float = 1.0) -> int:
-        """The largest max_num_seqs whose full batch keeps TPOT inside the SLO under this mix: a full batch
-        of B decodes also carries the prefill that feeds it, B*I/O tokens per step in steady state."""
-        p = self.params
-        per_seq = p.per_seq_s + p.per_context_token_s * mix.mean_context + p.per_prefill_token_s * (
-            mix.mean_input / mix.mean_output)
-        budget = tpot_target_s / tpot_tail - p.base_s
-        if budget <= 0:
-            return 1
-        return int(max(1, min(p.max_num_seqs, budget // per_seq)))
+    def choose_limits(self, mix: QueryMix, tpot_target_s: float, ttft_target_s: float, tpot_tail: float = 1.0,
+                      ttft_tail: float = 1.0, token_budgets: tuple[int, ...] = TOKEN_BUDGETS,
+                      ) -> tuple[BatchLimits, ReplicaCapacity]:
+        """The batch limits that give one replica the most SLO capacity under this mix. For each token budget,
+        max_num_seqs is the largest batch whose busy step (a full prefill chunk next to it) still fits the TPOT
+        target, so TPOT stays inside the SLO even when load exceeds the plan and requests queue instead."""
+        best: tuple[BatchLimits, ReplicaCapacity] | None = None
+        for budget in token_budgets:
+            seqs = self._largest_batch(mix, tpot_target_s, budget)
+            if seqs < 1:
+                continue
+            limits = BatchLimits(seqs, max(budget, seqs))
+            cap = self.capacity(mix, tpot_target_s, ttft_target_s, limits, tpot_tail, ttft_tail)
+            if best is None or cap.rate > best[1].rate * 1.02:  # a larger budget must be clearly better
+                best = (limits, cap)
+        if best is None:  # even one sequence misses the target: run the smallest batch and report its capacity
+            limits = BatchLimits(1, token_budgets[0])
+            best = (limits, self.capacity(mix, tpot_target_s, ttft_target_s, limits, tpot_tail, ttft_tail))
+        return best
+
+    def _largest_batch(self, mix: QueryMix, tpot_target_s: float, budget: int) -> int:
+        lo, hi = 0, self.params.max_num_seqs
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.busy_step(mid, mix, budget) <= tpot_target_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def to_dict(self) -> dict:
         return {"params": self.params.to_dict(), "precision": self._precision.tolist(), "xty": self._xty.tolist(),

@@ -1,19 +1,20 @@
-"""The Tideserve policy: tail-percentile SLOs, a calibrated performance model, seasonal forecasts, and two
-knobs (replicas and per-replica max_num_seqs), behind safety rules.
+"""The Tideserve policy: tail SLOs, a calibrated performance model, seasonal forecasts, and two knobs
+(replicas, and per-replica batch limits: max_num_seqs and the per-step token budget), behind safety rules.
 
 Each interval:
- 1. stale or missing metrics -> hold and say so;
- 2. SLO state from the window's histograms: p90s, attainment, error-budget burn;
- 3. refit the performance model from step times, and the tail factors (the observed planning quantile over
-    the mean; the planning quantile is the attainment goal, e.g. p99, so that 99% of requests meet the targets);
- 4. learn the rate and mix into the seasonal profiles; detect a query-mix shift;
- 5. demand = max(live arrivals plus backlog, forecast at now + measured start-up time);
- 6. batch limit = the largest max_num_seqs whose predicted TPOT p90 stays inside the SLO under the mix;
- 7. replicas = demand / (capacity of one replica at that limit x headroom); the headroom is steered so the
-    observed tail sits at a setpoint below the targets (tighter while the error budget burns), and an observed
-    miss adds replicas in proportion at once;
- 8. safety: min/max, bounded steps, stabilization windows, scale down only when N-1 replicas carry the load with
-    margin, no further scale-up while new replicas are Pending, and drain the least-loaded replicas first.
+ 1. stale or missing metrics -> hold everything and say so;
+ 2. SLO state from the window's histograms: tails at the planning quantile (the attainment goal, e.g. p99, so
+    that 99% of requests meet the targets), window attainment, error-budget burn;
+ 3. refit the performance model from the step-time statistics, and the tail factors (quantile over mean);
+ 4. learn the rate and mix into the seasonal profiles, and detect a query-mix shift against the last hour;
+ 5. demand = max(the live arrival envelope plus what clears the queue, the forecast at now + start-up time);
+ 6. batch limits: among token budgets, the one whose busy step (a full prefill chunk beside the largest batch
+    that still fits) keeps TPOT inside its target and gives a replica the most capacity: TPOT is protected by
+    construction, and load beyond the plan queues (TTFT) instead of slowing every decode;
+ 7. replicas = demand / (capacity of one replica x headroom); the headroom is steered so the observed tail sits
+    at a setpoint below the targets and tightened while the error budget burns; an observed miss adds capacity;
+ 8. safety: min/max, bounded steps, stabilization windows, scale down only when N-1 replicas carry the demand
+    with margin and latency has room, no further scale-up while new replicas are Pending, drain the least loaded.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from dataclasses import dataclass, field
 
 from tideserve.autoscaler.forecast import SeasonalForecaster
 from tideserve.autoscaler.observation import Decision, Observation
-from tideserve.autoscaler.perf_model import H100_8B, PerformanceModel, QueryMix, StepTimeParams
-from tideserve.autoscaler.slo import ErrorBudget, PercentileSLO
+from tideserve.autoscaler.perf_model import (
+    H100_8B,
+    BatchLimits,
+    PerformanceModel,
+    QueryMix,
+    ReplicaCapacity,
+    StepTimeParams,
+)
+from tideserve.autoscaler.slo import ErrorBudget, Histogram, PercentileSLO
+
+DEFAULT_MIX = QueryMix(512, 128)  # before the first request has finished
 
 
 @dataclass
@@ -37,12 +47,13 @@ class PolicyConfig:
     max_replicas: int = 32
     interval_s: float = 15.0
     scale_up_stabilization_s: float = 0.0
-    scale_down_stabilization_s: float = 120.0
+    scale_down_stabilization_s: float = 300.0  # the Kubernetes HPA default
     max_step_up: int = 8
     max_step_down: int = 1
+    scale_down_period_s: float = 60.0  # at most max_step_down replicas removed per period (start-ups are slow)
     headroom: float = 0.85  # plan each replica at this share of its predicted SLO capacity (steered online)
     min_headroom: float = 0.5
-    max_headroom: float = 0.98
+    max_headroom: float = 1.5  # above 1 when the model turns out conservative
     pressure_setpoint: float = 0.8  # steer the observed tail to this share of its target
     scale_down_margin: float = 0.95  # N-1 replicas must carry the demand at this share of the planned load
     backlog_clear_s: float = 60.0  # plan to clear a waiting queue within this time
@@ -50,18 +61,19 @@ class PolicyConfig:
     season_period_s: float = 86400.0
     season_slot_s: float = 600.0
     default_startup_s: float = 120.0
-    manage_batch_limit: bool = True
-    engine_max_num_seqs: int = 256
+    manage_batch_limits: bool = True
     advisory: bool = False
     bootstrap: StepTimeParams = H100_8B
 
     def __post_init__(self):
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError("need 1 <= min_replicas <= max_replicas")
-        if not 0 < self.min_headroom <= self.headroom <= self.max_headroom <= 1:
-            raise ValueError("need 0 < min_headroom <= headroom <= max_headroom <= 1")
+        if not 0 < self.min_headroom <= self.headroom <= self.max_headroom:
+            raise ValueError("need 0 < min_headroom <= headroom <= max_headroom")
         if self.max_step_up < 1 or self.max_step_down < 1:
             raise ValueError("step bounds must be >= 1")
+        if not 0 < self.attainment_target < 1:
+            raise ValueError("attainment target must be in (0, 1)")
 
 
 class TideservePolicy:
@@ -72,16 +84,18 @@ class TideservePolicy:
         self.model = PerformanceModel(c.bootstrap)
         self.forecaster = SeasonalForecaster(slot_s=c.season_slot_s, period_s=c.season_period_s)
         self.budget = ErrorBudget(c.attainment_target, horizon_s=c.season_period_s)
-        self.headroom = c.headroom
         self.quantile = max(c.ttft.percentile, c.tpot.percentile, 100 * c.attainment_target) / 100
-        self.tpot_tail = 1.3  # observed planning quantile over mean, refined online
+        self.headroom = c.headroom
+        self.tpot_tail = 1.3  # planning quantile over mean, refined online
         self.ttft_tail = 3.0
         self.startup_s = c.default_startup_s
-        self._recommendations: list[tuple[float, int]] = []
-        self._last_in_flight = 0.0
+        self._recommendations: deque[tuple[float, int]] = deque()
         self._rates: deque[float] = deque(maxlen=8)
         self._smoothed_rate: float | None = None
+        self._smoothed_pressure = 0.0
+        self._last_in_flight = 0.0
         self._started: float | None = None
+        self._last_scale_down = -math.inf
         self._mix_baseline: tuple[float, float] | None = None
 
     @property
@@ -93,43 +107,37 @@ class TideservePolicy:
     def decide(self, obs: Observation) -> Decision:
         c = self.config
         current = obs.desired_replicas
+        current_limits = BatchLimits(obs.max_num_seqs, obs.max_num_batched_tokens)
         if self._started is None:
             self._started = obs.time
         if obs.stale:
-            return self._decision(obs, current, obs.max_num_seqs, "hold", "MetricsStale: holding replicas and "
-                                  "batch limit until fresh metrics arrive", details={"stale": True})
+            return self._decision(obs, current, current_limits, "hold", "MetricsStale: holding replicas and batch "
+                                  "limits until fresh metrics arrive", details={"stale": True})
         slo = self._slo_state(obs)
         self._calibrate(obs)
         rate, mix = self._load(obs)
         mix_shift = self._mix_shift(mix)
-        if mix is not None:
-            self.forecaster.observe(obs.time, obs.window_s, rate, mix.mean_input, mix.mean_output)
-        else:
-            self.forecaster.observe(obs.time, obs.window_s, rate, None, None)
+        self.forecaster.observe(obs.time, obs.window_s, rate, mix and mix.mean_input, mix and mix.mean_output)
         if obs.replica_startup_s:
             self.startup_s = 0.7 * self.startup_s + 0.3 * obs.replica_startup_s
         lead = self.startup_s + c.interval_s
         forecast = self.forecaster.forecast(obs.time, lead) if c.seasonality else None
-        plan_mix = mix or QueryMix(512, 128)
         demand = self._live_demand(obs, rate)
+        plan_mix = self._smoothed_mix() or mix or DEFAULT_MIX
         if forecast is not None and forecast.seasonal:
             demand = max(demand, forecast.rate)
-            plan_mix = QueryMix(max(plan_mix.mean_input, forecast.mean_input),
-                                max(plan_mix.mean_output, forecast.mean_output)) if mix_shift else QueryMix(
-                forecast.mean_input, forecast.mean_output)
-        self._adapt_headroom(slo)
-
-        batch_limit = self._batch_limit(obs, plan_mix, slo)
-        capacity = self.model.capacity(plan_mix, c.tpot.target_s, c.ttft.target_s, batch_limit,
-                                       self.tpot_tail, self.ttft_tail)
+            if not mix_shift:  # after a shift the profile is out of date: plan on what is live
+                plan_mix = QueryMix(max(plan_mix.mean_input, forecast.mean_input),
+                                    max(plan_mix.mean_output, forecast.mean_output))
+        limits, capacity = self._batch_limits(current_limits, plan_mix)
+        self._adapt_headroom(obs, slo, rate, capacity.rate)
         per_replica = max(capacity.rate * self.headroom, 1e-6)
         needed = math.ceil(demand / per_replica) if demand > 0 else c.min_replicas
-        pressure = slo["pressure"] or 0.0
-        if pressure > 1.0 and obs.ready_replicas >= current:
-            # The model under-predicts: the SLO is missed now. Add capacity in proportion to the miss.
-            needed = max(needed, current + math.ceil(current * min(pressure - 1.0, 1.0)))
+        if self._smoothed_pressure > 1.0 and obs.ready_replicas >= current:
+            # The model under-predicts: the tail misses its target now. Add capacity in proportion (<= +25%).
+            needed = max(needed, current + math.ceil(current * min(self._smoothed_pressure - 1.0, 0.25)))
         target = self._stabilize(obs, needed, demand, capacity.rate)
-        reason, action = self._explain(current, target, batch_limit, obs, demand, capacity, pressure, mix_shift)
+        reason, action = self._explain(current, target, current_limits, limits, demand, capacity, mix_shift)
         if target > current and obs.pending_replicas > 0:
             target, action = current, "hold"
             reason = (f"CapacityLimited: {obs.pending_replicas} new replica(s) still Pending; not adding more "
@@ -137,13 +145,14 @@ class TideservePolicy:
         details = {
             "rate": rate, "demand": demand, "capacity_per_replica": capacity.rate, "limited_by": capacity.limited_by,
             "headroom": self.headroom, "mix": [plan_mix.mean_input, plan_mix.mean_output], "mix_shift": mix_shift,
-            "lead_s": lead, "tpot_tail": self.tpot_tail, "ttft_tail": self.ttft_tail, **slo,
+            "lead_s": lead, "tpot_tail": self.tpot_tail, "ttft_tail": self.ttft_tail,
+            "max_num_batched_tokens": limits.max_num_batched_tokens, **slo,
         }
         fc = None if forecast is None else {"rate": forecast.rate, "mean_input": forecast.mean_input,
                                             "mean_output": forecast.mean_output, "seasonal": forecast.seasonal,
                                             "horizon_s": lead}
-        return self._decision(obs, target, batch_limit, action, reason, forecast=fc, details=details,
-                              predicted=self._predicted_attainment(demand / max(target, 1), plan_mix, batch_limit),
+        return self._decision(obs, target, limits, action, reason, forecast=fc, details=details,
+                              predicted=self._predicted_attainment(demand / max(target, 1), plan_mix, limits),
                               drain=self._choose_drain(obs, current - target))
 
     # --- steps ------------------------------------------------------------------------------------------
@@ -151,22 +160,24 @@ class TideservePolicy:
     def _slo_state(self, obs: Observation) -> dict:
         c = self.config
         tpot_hist = obs.tpot if obs.tpot is not None and obs.tpot.count else obs.itl
-        state = {"ttft_p": None, "tpot_p": None, "ttft_pressure": None, "tpot_pressure": None,
-                 "window_attainment": None}
+        state: dict = {"ttft_p": None, "tpot_p": None, "pressure": None, "window_attainment": None}
         if obs.ttft is not None and obs.ttft.count:
             state["ttft_p"] = c.ttft.observed(obs.ttft)
-            state["ttft_pressure"] = c.ttft.pressure(obs.ttft)
         if tpot_hist is not None and tpot_hist.count:
             state["tpot_p"] = c.tpot.observed(tpot_hist)
-            state["tpot_pressure"] = c.tpot.pressure(tpot_hist)
+        # Pressure: the planning-quantile tail over its target, from windows with enough samples to read it.
         pressures = [hist.quantile(self.quantile) / slo.target_s for hist, slo in ((obs.ttft, c.ttft), (tpot_hist, c.tpot))
                      if hist is not None and hist.count >= 20]
-        state["pressure"] = max(pressures) if pressures else None
+        if pressures:
+            state["pressure"] = max(pressures)
+            decay = 0.5 ** (obs.window_s / 30.0)  # one window's tail is noisy: smooth over about a minute
+            self._smoothed_pressure = decay * self._smoothed_pressure + (1 - decay) * state["pressure"]
+        state["smoothed_pressure"] = self._smoothed_pressure
         n = obs.ttft.count if obs.ttft is not None else 0.0
         if n > 0:
             good_ttft = obs.ttft.fraction_at_most(c.ttft.target_s) or 0.0
             good_tpot = tpot_hist.fraction_at_most(c.tpot.target_s) if tpot_hist is not None and tpot_hist.count else 1.0
-            # Both must hold; without the joint distribution assume the misses overlap as little as possible.
+            # Both must hold; without the joint distribution assume the misses do not overlap (the worst case).
             attainment = max(0.0, good_ttft + good_tpot - 1.0)
             self.budget.record(obs.time, n, n * attainment)
             state["window_attainment"] = attainment
@@ -177,28 +188,28 @@ class TideservePolicy:
 
     def _calibrate(self, obs: Observation) -> None:
         if obs.step_s and obs.steps and obs.step_seqs is not None and obs.step_tokens is not None:
-            mean_in = obs.prompt_tokens.mean if obs.prompt_tokens is not None and obs.prompt_tokens.count else 512
-            mean_out = (obs.generation_tokens.mean if obs.generation_tokens is not None
-                        and obs.generation_tokens.count else 128)
+            mix = self._window_mix(obs) or DEFAULT_MIX
             prefill = max(0.0, obs.step_tokens - obs.step_seqs)
-            context = obs.step_seqs * (mean_in + mean_out / 2)
-            self.model.observe(obs.step_s, obs.step_seqs, context, prefill, obs.steps)
-        for hist, attr, low, high in ((obs.tpot if obs.tpot is not None else obs.itl, "tpot_tail", 1.0, 3.0),
-                                      (obs.ttft, "ttft_tail", 1.0, 10.0)):
+            self.model.observe(obs.step_s, obs.step_seqs, obs.step_seqs * mix.mean_context, prefill, obs.steps)
+        tpot_hist = obs.tpot if obs.tpot is not None else obs.itl
+        for hist, attr, high in ((tpot_hist, "tpot_tail", 3.0), (obs.ttft, "ttft_tail", 10.0)):
             if hist is not None and hist.count >= 20 and hist.mean:
-                ratio = min(high, max(low, hist.quantile(self.quantile) / hist.mean))
+                ratio = min(high, max(1.0, hist.quantile(self.quantile) / hist.mean))
                 setattr(self, attr, 0.9 * getattr(self, attr) + 0.1 * ratio)
 
+    @staticmethod
+    def _window_mix(obs: Observation) -> QueryMix | None:
+        p, g = obs.prompt_tokens, obs.generation_tokens
+        if p is None or g is None or not p.count or not g.count:
+            return None
+        return QueryMix(max(1.0, p.mean), max(1.0, g.mean))
+
     def _load(self, obs: Observation) -> tuple[float, QueryMix | None]:
+        """Arrivals in the window: finished requests plus the growth of what is in flight."""
         in_flight = obs.running + obs.waiting
         growth = in_flight - self._last_in_flight
         self._last_in_flight = in_flight
-        rate = max(0.0, obs.requests_finished + growth) / obs.window_s
-        mix = None
-        if (obs.prompt_tokens is not None and obs.prompt_tokens.count and obs.generation_tokens is not None
-                and obs.generation_tokens.count):
-            mix = QueryMix(max(1.0, obs.prompt_tokens.mean), max(1.0, obs.generation_tokens.mean))
-        return rate, mix
+        return max(0.0, obs.requests_finished + growth) / obs.window_s, self._window_mix(obs)
 
     def _live_demand(self, obs: Observation, rate: float) -> float:
         """The rate to plan for now: the upper envelope of the last few windows (arrivals are bursty at the
@@ -209,6 +220,10 @@ class TideservePolicy:
         recent = sorted(self._rates)
         upper = recent[int(0.75 * (len(recent) - 1) + 0.5)]
         return max(self._smoothed_rate, upper) + obs.waiting / self.config.backlog_clear_s
+
+    def _smoothed_mix(self) -> QueryMix | None:
+        f = self.forecaster
+        return QueryMix(f.live_input, f.live_output) if f.live_input and f.live_output else None
 
     def _mix_shift(self, mix: QueryMix | None) -> bool:
         """A shift of the prefill:decode balance (e.g. to long-input/short-output) against the last hour."""
@@ -224,32 +239,42 @@ class TideservePolicy:
         self._mix_baseline = (base_ratio + w * (ratio - base_ratio), base_input + w * (mix.mean_input - base_input))
         return shifted
 
-    def _adapt_headroom(self, slo: dict) -> None:
-        """Steer the planned utilization so the observed tail sits at the setpoint: loosen while latency has
-        room (cheaper), tighten when it approaches the target or the error budget burns faster than allowed."""
+    def _adapt_headroom(self, obs: Observation, slo: dict, rate: float, capacity_rate: float) -> None:
+        """Steer the planned utilization (a correction of the model's capacity) so the observed tail sits at the
+        setpoint. Tighten when the tail nears its target or the error budget burns; loosen only while replicas
+        actually run near the planned load, since an over-provisioned deployment shows low latency whatever the
+        headroom (learning from it would wind the headroom up). Hold while new replicas are still starting:
+        the pressure then reflects capacity that is already on its way."""
         c = self.config
-        if slo["pressure"] is not None:
-            factor = (c.pressure_setpoint / max(slo["pressure"], 1e-3)) ** 0.25
-            self.headroom *= min(1.03, max(0.9, factor))
+        if obs.ready_replicas < obs.desired_replicas or slo["pressure"] is None:
+            return
+        factor = min(1.03, max(0.9, (c.pressure_setpoint / max(slo["pressure"], 1e-3)) ** 0.25))
+        near_plan = rate / max(obs.ready_replicas, 1) >= 0.85 * capacity_rate * self.headroom
+        if factor < 1 or near_plan:
+            self.headroom *= factor
         if slo["window_attainment"] is not None and slo["burn_rate"] > 1.0:
             self.headroom *= 0.97
         self.headroom = min(c.max_headroom, max(c.min_headroom, self.headroom))
 
-    def _batch_limit(self, obs: Observation, mix: QueryMix, slo: dict) -> int:
+    def _batch_limits(self, current: BatchLimits, mix: QueryMix) -> tuple[BatchLimits, ReplicaCapacity]:
+        """The token budget whose busy step fits the TPOT target (chunked prefill then bounds every step), and a
+        max_num_seqs that caps the batch where that still holds, but never below twice the batch the planned
+        load needs, so a burst queues a little rather than being refused service."""
         c = self.config
-        if not c.manage_batch_limit:
-            return obs.max_num_seqs
-        if self.forecaster.live_input and self.forecaster.live_output:  # the smoothed mix, not one noisy window
-            mix = QueryMix(self.forecaster.live_input, self.forecaster.live_output)
-        limit = self.model.batch_limit_for_tpot(mix, c.tpot.target_s, self.tpot_tail)
-        limit = min(limit, c.engine_max_num_seqs)
-        if slo["tpot_pressure"] is not None and slo["tpot_pressure"] > 1.0:
-            limit = min(limit, max(1, int(obs.max_num_seqs / slo["tpot_pressure"])))
-        # Hysteresis: ignore changes under 25%, and move at most 2x per interval.
-        current = obs.max_num_seqs
-        if abs(limit - current) <= 0.25 * current:
-            return current
-        return max(current // 2, min(current * 2, limit))
+        if c.manage_batch_limits:
+            limits, capacity = self.model.choose_limits(mix, c.tpot.target_s, c.ttft.target_s, self.tpot_tail,
+                                                        self.ttft_tail)
+            planned = self.model.decode_batch_at(capacity.rate * self.headroom, mix, self.model.params.max_num_seqs)
+            seqs = min(self.model.params.max_num_seqs, max(limits.max_num_seqs, math.ceil(2 * planned)))
+            limits = BatchLimits(seqs, max(limits.max_num_batched_tokens, seqs))
+            # Hysteresis: keep the current limits unless the new ones differ by more than 25%.
+            if (abs(limits.max_num_seqs - current.max_num_seqs) <= 0.25 * current.max_num_seqs
+                    and limits.max_num_batched_tokens == current.max_num_batched_tokens):
+                limits = current
+        else:
+            limits = current
+        return limits, self.model.capacity(mix, c.tpot.target_s, c.ttft.target_s, limits, self.tpot_tail,
+                                           self.ttft_tail)
 
     def _stabilize(self, obs: Observation, needed: int, demand: float, capacity_rate: float) -> int:
         c = self.config
@@ -257,7 +282,8 @@ class TideservePolicy:
         needed = max(c.min_replicas, min(c.max_replicas, needed))
         self._recommendations.append((obs.time, needed))
         horizon = max(c.scale_up_stabilization_s, c.scale_down_stabilization_s)
-        self._recommendations = [(t, r) for t, r in self._recommendations if t >= obs.time - horizon]
+        while self._recommendations and self._recommendations[0][0] < obs.time - horizon:
+            self._recommendations.popleft()
         if needed > current:
             window = [r for t, r in self._recommendations if t >= obs.time - c.scale_up_stabilization_s]
             return min(current + c.max_step_up, min(window) if window else needed)
@@ -268,45 +294,54 @@ class TideservePolicy:
             target = max(window) if window else needed
             if target >= current:
                 return current
-            # Only when N-1 replicas carry the load with margin.
+            # Only when N-1 replicas carry the demand with margin, and latency has room now.
             if demand > (current - 1) * capacity_rate * self.headroom * c.scale_down_margin:
                 return current
+            if self._smoothed_pressure > c.pressure_setpoint:
+                return current
+            if obs.time - self._last_scale_down < c.scale_down_period_s:
+                return current
+            self._last_scale_down = obs.time
             return max(target, current - c.max_step_down)
         return current
 
-    def _explain(self, current, target, batch_limit, obs, demand, capacity, pressure, mix_shift):
-        mix_note = "; query-mix shift detected" if mix_shift else ""
+    def _explain(self, current, target, old: BatchLimits, new: BatchLimits, demand, capacity, mix_shift):
+        note = "; query-mix shift detected" if mix_shift else ""
         if target > current:
             return (f"scale up {current}->{target}: demand {demand:.2f} req/s, {capacity.rate:.2f} req/s per "
-                    f"replica ({capacity.limited_by}-bound), SLO pressure {pressure:.2f}{mix_note}", "scale-up")
+                    f"replica ({capacity.limited_by}-bound), tail pressure {self._smoothed_pressure:.2f}{note}",
+                    "scale-up")
         if target < current:
             return (f"scale down {current}->{target}: demand {demand:.2f} req/s fits {target} replicas at "
-                    f"{capacity.rate:.2f} req/s each{mix_note}", "scale-down")
-        if batch_limit != obs.max_num_seqs:
-            return (f"batch limit {obs.max_num_seqs}->{batch_limit}: predicted TPOT p90 within "
-                    f"{self.config.tpot.target_s * 1000:.0f} ms{mix_note}", "batch-limit")
-        return f"hold at {current}: demand {demand:.2f} req/s within capacity{mix_note}", "hold"
+                    f"{capacity.rate:.2f} req/s each{note}", "scale-down")
+        if new != old:
+            return (f"batch limits {old.max_num_seqs}/{old.max_num_batched_tokens} -> "
+                    f"{new.max_num_seqs}/{new.max_num_batched_tokens} (max_num_seqs/tokens per step): TPOT stays "
+                    f"within {self.config.tpot.target_s * 1000:.0f} ms{note}", "batch-limit")
+        return f"hold at {current}: demand {demand:.2f} req/s within capacity{note}", "hold"
 
-    def _predicted_attainment(self, rate_per_replica: float, mix: QueryMix, batch_limit: int) -> float:
-        """Chance a request meets both SLOs, with exponential tails around the predicted means."""
+    def _predicted_attainment(self, rate_per_replica: float, mix: QueryMix, limits: BatchLimits) -> float:
+        """Share of requests expected within both targets, with exponential tails around the predicted means."""
         c = self.config
-        tpot = self.model.step_time_at(rate_per_replica, mix)
-        ttft = self.model.ttft_at(rate_per_replica, mix)
-        if not (math.isfinite(tpot) and math.isfinite(ttft)):
+        ttft = self.model.ttft_at(rate_per_replica, mix, limits)
+        tpot = self.model.tpot_tail_at(rate_per_replica, mix, limits, self.tpot_tail)
+        if not (math.isfinite(ttft) and math.isfinite(tpot)):
             return 0.0
-        p_ttft = 1 - math.exp(-c.ttft.target_s / ttft * math.log(10) / max(self.ttft_tail, 1e-6))
-        p_tpot = 1.0 if tpot * self.tpot_tail <= c.tpot.target_s else 0.5
+        p_ttft = 1 - math.exp(-c.ttft.target_s / ttft)
+        p_tpot = 1.0 if tpot <= c.tpot.target_s else c.tpot.target_s / tpot
         return max(0.0, min(1.0, p_ttft * p_tpot))
 
     def _choose_drain(self, obs: Observation, count: int) -> list[str]:
+        """Replicas to remove first: not ready, then the fewest requests in flight, then the newest."""
         if count <= 0:
             return []
         order = sorted(obs.replicas, key=lambda r: (r.ready, r.running + r.waiting, -r.started_at))
         return [r.name for r in order[:count]]
 
-    def _decision(self, obs, replicas, batch_limit, action, reason, forecast=None, details=None, predicted=None,
-                  drain=()):
-        return Decision(time=obs.time, replicas=replicas, max_num_seqs=batch_limit, reason=reason, action=action,
+    def _decision(self, obs, replicas, limits: BatchLimits, action, reason, forecast=None, details=None,
+                  predicted=None, drain=()):
+        return Decision(time=obs.time, replicas=replicas, max_num_seqs=limits.max_num_seqs,
+                        max_num_batched_tokens=limits.max_num_batched_tokens, reason=reason, action=action,
                         apply=not self.config.advisory, predicted_attainment=predicted, forecast=forecast,
                         drain=list(drain), details=details or {})
 
