@@ -2,7 +2,7 @@
 (../shared/reference/autoscaling-baselines.md summarises the sources). Every baseline sees the same
 Observation as the Tideserve policy and controls replicas only; the batch limit stays at the engine's setting.
 
-Where a baseline needs the capacity of one replica (static sizing, Dynamo's profile), it gets the true step-time
+Where a baseline needs the capacity of one replica (Dynamo's profile, the HPA target), it gets the true step-time
 model of the simulated engine, i.e. perfect offline profiling, which favours the baseline.
 """
 
@@ -22,7 +22,7 @@ def _hold(obs: Observation, replicas: int, reason: str) -> Decision:
 
 
 class StaticPolicy:
-    """A fixed replica count: sized for the peak or the mean 5-minute load of the whole trace."""
+    """A fixed replica count (static at peak or at mean; `tideserve simulate` sizes them)."""
 
     interval_s = 60.0
 
@@ -31,14 +31,6 @@ class StaticPolicy:
 
     def decide(self, obs: Observation) -> Decision:
         return _hold(obs, self.replicas, f"static at {self.replicas}")
-
-
-def static_replicas(rate: float, mix: QueryMix, params: StepTimeParams, ttft_s: float, tpot_s: float,
-                    max_num_seqs: int, utilization: float = 0.9) -> int:
-    """Replicas that carry `rate` at `utilization` of the SLO capacity of one replica (mean latencies)."""
-    limits = BatchLimits(max_num_seqs, params.max_num_batched_tokens)
-    capacity = PerformanceModel(params).capacity(mix, tpot_s, ttft_s, limits).rate
-    return max(1, math.ceil(rate / (capacity * utilization)))
 
 
 class HPAPolicy:
@@ -56,7 +48,8 @@ class HPAPolicy:
 
     def decide(self, obs: Observation) -> Decision:
         n = max(1, obs.desired_replicas)
-        per_replica = (obs.running + obs.waiting) / max(1, obs.ready_replicas)
+        # Pods not yet ready count as using nothing (the HPA's rule), so the average is over all desired pods.
+        per_replica = (obs.running + obs.waiting) / n
         ratio = per_replica / self.target
         desired = n if abs(ratio - 1) <= self.tolerance else math.ceil(n * ratio)
         desired = max(self.min, min(self.max, desired))

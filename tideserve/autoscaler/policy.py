@@ -36,6 +36,7 @@ from tideserve.autoscaler.perf_model import (
 from tideserve.autoscaler.slo import ErrorBudget, Histogram, PercentileSLO
 
 DEFAULT_MIX = QueryMix(512, 128)  # before the first request has finished
+BURST_FACTOR = 4.0
 
 
 @dataclass
@@ -52,9 +53,9 @@ class PolicyConfig:
     max_step_down: int = 1
     scale_down_period_s: float = 60.0  # at most max_step_down replicas removed per period (start-ups are slow)
     headroom: float = 0.85  # plan each replica at this share of its predicted SLO capacity (steered online)
-    min_headroom: float = 0.5
+    min_headroom: float = 0.35
     max_headroom: float = 1.5  # above 1 when the model turns out conservative
-    pressure_setpoint: float = 0.8  # steer the observed tail to this share of its target
+    pressure_setpoint: float = 0.85  # steer the observed tail to this share of its target
     scale_down_margin: float = 0.95  # N-1 replicas must carry the demand at this share of the planned load
     backlog_clear_s: float = 60.0  # plan to clear a waiting queue within this time
     seasonality: bool = True
@@ -265,11 +266,14 @@ class TideservePolicy:
             limits, capacity = self.model.choose_limits(mix, c.tpot.target_s, c.ttft.target_s, self.tpot_tail,
                                                         self.ttft_tail)
             planned = self.model.decode_batch_at(capacity.rate * self.headroom, mix, self.model.params.max_num_seqs)
-            seqs = min(self.model.params.max_num_seqs, max(limits.max_num_seqs, math.ceil(2 * planned)))
+            seqs = min(self.model.params.max_num_seqs, max(limits.max_num_seqs, math.ceil(BURST_FACTOR * planned)))
             limits = BatchLimits(seqs, max(limits.max_num_batched_tokens, seqs))
-            # Hysteresis: keep the current limits unless the new ones differ by more than 25%.
-            if (abs(limits.max_num_seqs - current.max_num_seqs) <= 0.25 * current.max_num_seqs
-                    and limits.max_num_batched_tokens == current.max_num_batched_tokens):
+            # Hysteresis: keep the current limits while their busy step still fits the TPOT target and they
+            # give at least 90% of the new limits' capacity; limits that flap cost restarts of nothing, but
+            # each change is an admin call to every replica and a step change in latency.
+            kept = self.model.capacity(mix, c.tpot.target_s, c.ttft.target_s, current, self.tpot_tail, self.ttft_tail)
+            busy = self.model.busy_step(min(planned, current.max_num_seqs), mix, current.max_num_batched_tokens)
+            if busy <= c.tpot.target_s and kept.rate >= 0.9 * capacity.rate:
                 limits = current
         else:
             limits = current
