@@ -10,7 +10,6 @@ what the profile expects (a collection gap, or an outage) is not learned as an i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 DAY_S = 86400.0
@@ -19,15 +18,15 @@ WEEK_S = 7 * DAY_S
 
 class SeasonalProfile:
     def __init__(self, period_s: float, slot_s: float, alpha: float = 0.3):
-        if period_s <= 0 or slot_s <= 0 or period_s % slot_s:
+        n = round(period_s / slot_s) if period_s > 0 and slot_s > 0 else 0
+        if n < 1 or abs(n * slot_s - period_s) > 1e-6 * period_s:
             raise ValueError("period must be a positive multiple of the slot")
         self.period_s, self.slot_s, self.alpha = period_s, slot_s, alpha
-        n = int(period_s // slot_s)
         self.values: list[float | None] = [None] * n
         self.counts: list[int] = [0] * n
 
     def _slot(self, t: float) -> int:
-        return int((t % self.period_s) // self.slot_s)
+        return min(len(self.values) - 1, int((t % self.period_s) // self.slot_s))
 
     def update(self, t: float, value: float) -> None:
         i = self._slot(t)
@@ -38,15 +37,9 @@ class SeasonalProfile:
         self.counts[i] += 1
 
     def expected(self, t: float) -> float | None:
-        """Interpolated between the centres of neighbouring slots; None where a slot was never observed."""
-        pos = (t % self.period_s) / self.slot_s - 0.5
-        i = math.floor(pos) % len(self.values)
-        j = (i + 1) % len(self.values)
-        a, b = self.values[i], self.values[j]
-        if a is None or b is None:
-            return a if b is None else b
-        frac = pos - math.floor(pos)
-        return a + (b - a) * frac
+        """The slot's value; None where a slot was never observed. No interpolation into the neighbouring
+        slot: it may already hold today's value, which would bias the live level measured against it."""
+        return self.values[self._slot(t)]
 
     def confidence(self, t: float) -> int:
         return self.counts[self._slot(t)]

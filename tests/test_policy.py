@@ -1,0 +1,185 @@
+"""The Tideserve policy: batch-limit choice, the capacity model, and every safety rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tideserve.autoscaler.observation import Observation, ReplicaState
+from tideserve.autoscaler.perf_model import H100_8B, BatchLimits, PerformanceModel, QueryMix
+from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
+from tideserve.autoscaler.slo import Histogram, PercentileSLO
+from tideserve.buckets import TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+
+TTFT_EDGES = tuple(TTFT_BUCKETS) + (math.inf,)
+TPOT_EDGES = tuple(TPOT_BUCKETS) + (math.inf,)
+TOKEN_EDGES = tuple(TOKEN_COUNT_BUCKETS) + (math.inf,)
+MIX = QueryMix(1000, 200)
+
+
+def window(t, *, replicas=4, ready=None, pending=0, finished=600, ttft=0.2, tpot=0.02, mean_in=1000,
+           mean_out=200, running=100.0, waiting=0.0, stale=False, seqs=256, tokens=2048, window_s=15.0):
+    """One observation window with `finished` requests at the given latencies."""
+    n = int(finished)
+    return Observation(
+        time=t, window_s=window_s, desired_replicas=replicas, ready_replicas=replicas if ready is None else ready,
+        pending_replicas=pending, max_num_seqs=seqs, max_num_batched_tokens=tokens, stale=stale,
+        ttft=Histogram.from_values(TTFT_EDGES, [ttft] * n), tpot=Histogram.from_values(TPOT_EDGES, [tpot] * n),
+        prompt_tokens=Histogram.from_values(TOKEN_EDGES, [mean_in] * n),
+        generation_tokens=Histogram.from_values(TOKEN_EDGES, [mean_out] * n),
+        requests_finished=float(n), running=running, waiting=waiting,
+        replicas=[ReplicaState(f"r{i}", True, running / replicas, 0.0, 0.0, float(i)) for i in range(replicas)],
+    )
+
+
+def policy(**overrides) -> TideservePolicy:
+    config = dict(ttft=PercentileSLO(90, 2.0), tpot=PercentileSLO(90, 0.05), min_replicas=1, max_replicas=20,
+                  seasonality=False)
+    config.update(overrides)
+    return TideservePolicy(PolicyConfig(**config))
+
+
+# --- the performance model and the batch-limit choice -----------------------------------------------------
+
+
+def test_capacity_grows_with_a_looser_tpot_target_and_falls_with_longer_prompts():
+    model = PerformanceModel()
+    limits = BatchLimits(256, 2048)
+    loose = model.capacity(MIX, 0.1, 2.0, limits).rate
+    tight = model.capacity(MIX, 0.03, 2.0, limits).rate
+    long_prompts = model.capacity(QueryMix(4000, 200), 0.1, 2.0, limits).rate
+    assert tight < loose and long_prompts < loose
+    # At capacity the predicted mean step is within the target.
+    assert model.step_time_at(tight, MIX) <= 0.03 + 1e-9
+
+
+def test_chosen_batch_limits_keep_the_busy_step_within_tpot():
+    model = PerformanceModel()
+    for mix in (MIX, QueryMix(3000, 20), QueryMix(80, 400)):
+        limits, capacity = model.choose_limits(mix, 0.05, 2.0)
+        busy = model.busy_step(limits.max_num_seqs, mix, limits.max_num_batched_tokens)
+        assert busy <= 0.05 + 1e-9, (mix, limits)
+        assert capacity.rate > 0
+    # The vLLM default budget (2048 tokens per step) cannot keep a 50 ms TPOT on an 8B model: a full prefill
+    # chunk alone costs ~74 ms, so the choice is a smaller budget.
+    assert model.busy_step(1, MIX, 2048) > 0.05
+    assert model.choose_limits(MIX, 0.05, 2.0)[0].max_num_batched_tokens < 2048
+
+
+def test_a_long_input_short_output_mix_gets_a_smaller_batch_than_a_decode_heavy_one():
+    model = PerformanceModel()
+    liso, _ = model.choose_limits(QueryMix(4000, 20), 0.05, 2.0)
+    silo, _ = model.choose_limits(QueryMix(80, 600), 0.05, 2.0)
+    assert liso.max_num_seqs < silo.max_num_seqs
+
+
+def test_online_calibration_recovers_the_step_cost():
+    truth = PerformanceModel()
+    model = PerformanceModel(prior_weight=1.0)
+    model.params = model.params.__class__(**{**H100_8B.to_dict(), "per_prefill_token_s": 80e-6})
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        seqs, prefill = rng.uniform(1, 200), rng.uniform(0, 2000)
+        ctx = seqs * 1100
+        model.observe(truth.params.step_time(seqs, ctx, prefill), seqs, ctx, prefill, steps=100)
+    assert model.params.per_prefill_token_s == pytest.approx(H100_8B.per_prefill_token_s, rel=0.1)
+
+
+# --- the decision and the safety rules ---------------------------------------------------------------
+
+
+def test_stale_metrics_hold_everything_and_say_so():
+    p = policy()
+    d = p.decide(window(15, stale=True, replicas=3, seqs=100))
+    assert d.replicas == 3 and d.max_num_seqs == 100 and d.action == "hold" and "MetricsStale" in d.reason
+
+
+def test_load_scales_up_from_token_load_not_request_count():
+    p = policy()
+    light = p.decide(window(15, finished=15 * 10, mean_in=1000, mean_out=200))
+    q = policy()
+    heavy = q.decide(window(15, finished=15 * 10, mean_in=6000, mean_out=200))
+    assert heavy.replicas > light.replicas  # same requests/s, six times the prefill
+
+
+def test_scale_up_is_bounded_by_max_step_and_max_replicas():
+    p = policy(max_step_up=2, max_replicas=5)
+    d = p.decide(window(15, replicas=1, finished=15 * 60))
+    assert d.replicas == 3 and d.action == "scale-up"
+    d = p.decide(window(30, replicas=3, finished=15 * 60))
+    assert d.replicas == 5  # capped by max_replicas
+
+
+def test_min_replicas_is_respected_without_load():
+    p = policy(min_replicas=2, scale_down_stabilization_s=0.0, scale_down_period_s=0.0)
+    d = None
+    for i in range(1, 10):
+        d = p.decide(window(15 * i, replicas=3, finished=0, running=0))
+    assert d.replicas == 2
+
+
+def test_scale_down_waits_for_the_stabilization_window_and_steps_one_at_a_time():
+    p = policy(scale_down_stabilization_s=300.0, scale_down_period_s=60.0)
+    # Light load from the first window on (at t=15): no scale-down before a full window of evidence.
+    decisions = [p.decide(window(15 * i, replicas=10, finished=15 * 5, running=10)) for i in range(1, 21)]
+    assert [d.replicas for d in decisions] == [10] * 20
+    d = p.decide(window(315, replicas=10, finished=15 * 5, running=10))
+    assert d.replicas == 9 and d.action == "scale-down"
+    assert p.decide(window(330, replicas=9, finished=15 * 5, running=10)).replicas == 9  # one per period
+
+
+def test_scale_down_only_when_n_minus_one_replicas_carry_the_load():
+    # Demand just below what 4 replicas carry: the policy would like 4, but 3 could not carry it with margin.
+    p = policy(scale_down_stabilization_s=0.0, scale_down_period_s=0.0)
+    cap = p.model.capacity(MIX, 0.05, 2.0, BatchLimits(256, 2048), p.tpot_tail, p.ttft_tail).rate * p.headroom
+    rate = 3.2 * cap
+    d = p.decide(window(15, replicas=4, finished=15 * rate, seqs=256, tokens=2048))
+    assert d.replicas >= 4
+
+
+def test_pending_replicas_stop_further_scale_up():
+    p = policy()
+    d = p.decide(window(15, replicas=2, ready=1, pending=1, finished=15 * 80))
+    assert d.replicas == 2 and "CapacityLimited" in d.reason
+
+
+def test_observed_slo_miss_adds_capacity_even_when_the_model_disagrees():
+    p = policy()
+    for i in range(1, 6):  # light load by the model, but TTFT p99 at 3x its target
+        d = p.decide(window(15 * i, replicas=4, finished=15 * 5, ttft=6.0))
+    assert d.replicas > 4
+
+
+def test_advisory_mode_reports_without_acting():
+    p = policy(advisory=True)
+    d = p.decide(window(15, replicas=1, finished=15 * 60))
+    assert d.apply is False and d.replicas > 1 and d.reason
+
+
+def test_drain_picks_the_least_loaded_replicas():
+    p = policy(scale_down_stabilization_s=0.0, scale_down_period_s=0.0)
+    obs = window(15, replicas=3, finished=15, running=3)
+    obs.replicas = [ReplicaState("busy", True, 50, 0), ReplicaState("idle", True, 0, 0),
+                    ReplicaState("starting", False, 0, 0)]
+    d = p.decide(obs)
+    assert d.replicas == 2 and d.drain == ["starting"]
+
+
+def test_batch_limits_change_only_beyond_hysteresis():
+    p = policy()
+    d = p.decide(window(15, seqs=256, tokens=2048))
+    assert (d.max_num_seqs, d.max_num_batched_tokens) != (256, 2048)  # 2048 cannot hold a 50 ms TPOT
+    again = p.decide(window(30, seqs=d.max_num_seqs, tokens=d.max_num_batched_tokens))
+    assert (again.max_num_seqs, again.max_num_batched_tokens) == (d.max_num_seqs, d.max_num_batched_tokens)
+
+
+def test_state_survives_a_restart():
+    p = policy(seasonality=True, season_period_s=3600, season_slot_s=60)
+    for i in range(1, 300):
+        p.decide(window(15 * i, finished=15 * (20 + 10 * math.sin(i / 20))))
+    q = policy(seasonality=True, season_period_s=3600, season_slot_s=60)
+    q.load_state_dict(p.state_dict())
+    assert q.forecaster.to_dict() == p.forecaster.to_dict()
+    assert q.model.params == p.model.params and q.headroom == p.headroom

@@ -1,0 +1,97 @@
+"""The simulator, the ServeGen converter and the `tideserve simulate` / `tideserve trace` commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tideserve.autoscaler.perf_model import H100_8B
+from tideserve.cli import main
+from tideserve.sim.baselines import StaticPolicy
+from tideserve.sim.simulator import SimConfig, Simulation
+from tideserve.traces import load_trace
+
+
+def run_static(arrivals, inputs, outputs, replicas=1, **config):
+    policy = StaticPolicy("static", replicas)
+    return Simulation(np.asarray(arrivals, float), np.asarray(inputs), np.asarray(outputs), policy,
+                      SimConfig(initial_replicas=replicas, **config)).run()
+
+
+def test_one_request_alone_follows_the_step_model():
+    p = H100_8B
+    result = run_static([0.0], [1000], [11])
+    prefill_step = p.step_time(0, 0, 1000)
+    assert result.ttft[0] == pytest.approx(prefill_step)
+    decode_steps = [p.step_time(1, 1001 + k, 0) for k in range(10)]
+    # The context grows by one token per step; the simulator keeps it piecewise constant between events.
+    assert result.tpot[0] == pytest.approx(np.mean(decode_steps), rel=0.01)
+
+
+def test_every_request_finishes_and_gpu_time_is_accounted():
+    rng = np.random.default_rng(0)
+    n = 2000
+    arrivals = np.cumsum(rng.exponential(1 / 8.0, n))
+    result = run_static(arrivals, rng.integers(10, 3000, n), rng.integers(1, 500, n), replicas=2)
+    assert len(result.ttft) == n and np.all(result.ttft > 0) and np.all(result.tpot >= 0)
+    assert result.gpu_seconds == pytest.approx(2 * result.duration_s)
+
+
+def test_overload_queues_and_a_lower_batch_limit_protects_tpot():
+    rng = np.random.default_rng(1)
+    n = 3000
+    arrivals = np.cumsum(rng.exponential(1 / 30.0, n))  # about three times what one replica carries
+    inputs, outputs = rng.integers(500, 1500, n), rng.integers(100, 300, n)
+    open_batch = run_static(arrivals, inputs, outputs)
+    capped = run_static(arrivals, inputs, outputs, initial_max_num_seqs=32, initial_max_num_batched_tokens=512)
+    assert np.percentile(capped.tpot, 99) < np.percentile(open_batch.tpot, 99)
+    assert np.percentile(capped.ttft, 50) > np.percentile(open_batch.ttft, 50)  # the excess waits instead
+
+
+def test_servegen_extract_synthesizes_a_day():
+    from tideserve.sim import servegen
+
+    data = servegen.load_extract("m-large")
+    day = servegen.synthesize(data, rate_scale=0.0005, days=1, seed=0)
+    arrivals = np.array([r.arrival_s for r in day])
+    assert 5_000 < len(day) < 50_000
+    assert np.all(np.diff(arrivals) >= 0) and arrivals[-1] < 86400
+    assert all(1 <= r.input_tokens and 1 <= r.output_tokens and r.input_tokens + r.output_tokens <= 8192
+               for r in day)
+    compressed = servegen.synthesize(data, rate_scale=0.0005, time_scale=24, days=1, seed=0)
+    assert len(compressed) == len(day) and compressed[-1].arrival_s < 3600
+    with pytest.raises(ValueError, match="shipped"):
+        servegen.load_extract("m-nonexistent")
+
+
+def test_trace_and_simulate_commands(tmp_path, capsys):
+    trace = tmp_path / "azure.csv"
+    assert main(["trace", "azure", "--rate-scale", "3", "--out", str(trace)]) == 0
+    requests = load_trace(trace)
+    head = [r for r in requests if r.arrival_s < 240]
+    short = tmp_path / "short.csv"
+    short.write_text("arrival_s,input_tokens,output_tokens\n" +
+                     "".join(f"{r.arrival_s},{r.input_tokens},{r.output_tokens}\n" for r in head))
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    code = main(["simulate", "--trace", str(short), "--json", str(out_json), "--plot", str(out_png),
+                 "--season-period", "600", "--startup-s", "30", "--workers", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out_json.read_text())
+    names = [p["policy"] for p in results["policies"]]
+    assert names == ["tideserve", "static-peak", "static-mean", "hpa", "llm-d", "dynamo", "kubeai"]
+    for p in results["policies"]:
+        assert 0 <= p["request_attainment"] <= 1 and p["gpu_hours"] > 0
+        assert p["requests"] == len(head)
+        assert p["policy"] in printed
+    assert "gpu_hours_vs_static_peak" in results["comparison"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_rejects_bad_input(tmp_path, capsys):
+    assert main(["simulate", "--trace", str(tmp_path / "missing.csv")]) == 2
+    assert "cannot read trace" in capsys.readouterr().err
+    assert main(["simulate", "--trace", "azure-conv", "--policy", "tideserve,magic"]) == 2
+    assert "unknown policy: magic" in capsys.readouterr().err
