@@ -33,14 +33,15 @@ class SimRequest:
 
 class Replica:
     __slots__ = (
-        "name", "params", "max_num_seqs", "max_num_batched_tokens", "created", "ready_at", "draining", "v", "t", "step", "decoding", "context",
+        "index", "name", "params", "max_num_seqs", "max_num_batched_tokens", "created", "ready_at", "draining", "v", "t", "step", "decoding", "context",
         "prefill", "backlog", "pstep_tokens", "pstep_end", "waiting", "outstanding", "version", "steps", "step_time_sum",
         "step_seq_sum", "step_token_sum",
     )
 
-    def __init__(self, name: str, params: StepTimeParams, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, index: int, params: StepTimeParams, max_num_seqs: int, max_num_batched_tokens: int,
                  created: float, ready_at: float):
-        self.name, self.params = name, params
+        # The index orders simultaneous events deterministically (an id() would differ from run to run).
+        self.index, self.name, self.params = index, f"r{index}", params
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.created, self.ready_at = created, ready_at
         self.draining = False

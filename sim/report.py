@@ -89,6 +89,8 @@ def plot(results: list[SimResult], path: str, ttft_s: float, tpot_s: float, titl
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(4, 1, figsize=(13, 12), sharex=True)
+    budget_ax = axes[3].twinx()
+    budget_ax.set_ylabel("tokens per step (dashed)")
     hours = lambda t: np.asarray(t) / 3600  # noqa: E731
     load_ax = axes[0].twinx()
     ref = results[0].timeline
@@ -99,7 +101,9 @@ def plot(results: list[SimResult], path: str, ttft_s: float, tpot_s: float, titl
         axes[0].step(hours(tl["time"]), tl["gpus"], where="post", lw=1.1, label=r.policy)
         axes[1].plot(hours(tl["time"]), tl["ttft_p90"], lw=0.8, label=r.policy)
         axes[2].plot(hours(tl["time"]), 1000 * tl["tpot_p90"], lw=0.8, label=r.policy)
-        axes[3].step(hours(tl["time"]), tl["max_num_seqs"], where="post", lw=1.0, label=r.policy)
+        line, = axes[3].step(hours(tl["time"]), tl["max_num_seqs"], where="post", lw=1.0, label=r.policy)
+        budget_ax.step(hours(tl["time"]), tl["max_num_batched_tokens"], where="post", lw=0.8, ls="--",
+                       color=line.get_color())
     axes[0].set_ylabel("replicas (GPUs)")
     axes[0].legend(loc="upper left", ncol=4, fontsize=8)
     axes[1].axhline(ttft_s, color="k", ls="--", lw=0.8)
@@ -108,8 +112,8 @@ def plot(results: list[SimResult], path: str, ttft_s: float, tpot_s: float, titl
     axes[2].axhline(1000 * tpot_s, color="k", ls="--", lw=0.8)
     axes[2].set_yscale("log")
     axes[2].set_ylabel("TPOT p90 per interval (ms)")
-    axes[3].set_ylabel("max_num_seqs")
-    axes[3].set_xlabel("hours")
+    axes[3].set_ylabel("max_num_seqs (solid)")
+    axes[3].set_xlabel("simulated hours")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

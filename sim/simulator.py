@@ -84,7 +84,7 @@ class Simulation:
 
     def _new_replica(self, now: float, ready_now: bool = False) -> None:
         self._names += 1
-        r = Replica(f"r{self._names}", self.params, self.max_num_seqs, self.max_num_batched_tokens, now,
+        r = Replica(self._names, self.params, self.max_num_seqs, self.max_num_batched_tokens, now,
                     now if ready_now else INF)
         if self.config.gpu_quota is not None and self._gpus_held() >= self.config.gpu_quota:
             self.pending.append(r)
@@ -98,7 +98,7 @@ class Simulation:
         if ready_now:
             self.routable.append(r)
         else:
-            heapq.heappush(self.heap, (r.ready_at, 0, id(r), -1, r))
+            heapq.heappush(self.heap, (r.ready_at, 0, r.index, -1, r))
         self._record_gpus(now)
 
     def _gpus_held(self) -> int:
@@ -111,7 +111,7 @@ class Simulation:
         r.version += 1
         t = r.next_event()
         if t < INF:
-            heapq.heappush(self.heap, (t, 1, id(r), r.version, r))
+            heapq.heappush(self.heap, (t, 1, r.index, r.version, r))
 
     def _ready(self, now: float) -> list[Replica]:
         return [r for r in self.replicas if r.ready_at <= now and not r.draining]

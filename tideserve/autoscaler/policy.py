@@ -48,7 +48,7 @@ class PolicyConfig:
     max_replicas: int = 32
     interval_s: float = 15.0
     scale_up_stabilization_s: float = 0.0
-    scale_down_stabilization_s: float = 300.0  # the Kubernetes HPA default
+    scale_down_stabilization_s: float = 180.0  # two replica start-ups; the other scale-down guards still apply
     max_step_up: int = 8
     max_step_down: int = 1
     scale_down_period_s: float = 60.0  # at most max_step_down replicas removed per period (start-ups are slow)
