@@ -36,14 +36,21 @@ class PrefillSlice:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token queries of sequences with similar context lengths, attended in one padded call."""
+
+    rows: torch.Tensor  # [B] packed positions of the queries
+    kv_slots: torch.Tensor  # [B, max_ctx], padded with slot 0
+    mask: torch.Tensor  # [B, 1, 1, max_ctx] bool
+
+
+@dataclass
 class PagedBatch:
     """Step metadata computed once and shared by every layer's attention call."""
 
     kv_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V pools [num_slots, kv_heads, head_dim]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
-    decode_rows: torch.Tensor | None = None  # [B] packed positions of single-token (decode) queries
-    decode_kv_slots: torch.Tensor | None = None  # [B, max_ctx], padded with slot 0
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] bool
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSlice] = field(default_factory=list)
 
 
@@ -52,29 +59,34 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     batch: PagedBatch = kwargs["paged_batch"]
     k_pool, v_pool = batch.kv_cache[module.layer_idx]
     new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D]
-    k_pool[batch.slot_mapping] = new_k.to(k_pool.dtype)
-    v_pool[batch.slot_mapping] = new_v.to(v_pool.dtype)
+    k_pool.index_copy_(0, batch.slot_mapping, new_k.to(k_pool.dtype))
+    v_pool.index_copy_(0, batch.slot_mapping, new_v.to(v_pool.dtype))
     q = query[0]  # [H, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     gqa = q.shape[0] != k_pool.shape[1]
-    if batch.decode_rows is not None:
-        dq = q[:, batch.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        dk = k_pool[batch.decode_kv_slots].permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, ctx, D]
-        dv = v_pool[batch.decode_kv_slots].permute(0, 2, 1, 3).to(q.dtype)
-        o = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=gqa)
-        out[batch.decode_rows] = o.squeeze(2)
+    for group in batch.decodes:
+        dq = q[:, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        dk = _gather(k_pool, group.kv_slots).permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, ctx, D]
+        dv = _gather(v_pool, group.kv_slots).permute(0, 2, 1, 3).to(q.dtype)
+        o = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=group.mask, scale=scaling, enable_gqa=gqa)
+        out[group.rows] = o.squeeze(2)
     for p in batch.prefills:
         pq = q[:, p.q_start : p.q_end].unsqueeze(0)  # [1, H, q, D]
         if p.mask is None:  # the chunk is the whole context: use this step's K/V directly
             pk, pv = key[:, :, p.q_start : p.q_end], value[:, :, p.q_start : p.q_end]
         else:
-            pk = k_pool[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            pv = v_pool[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            pk = _gather(k_pool, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            pv = _gather(v_pool, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
         o = F.scaled_dot_product_attention(
             pq, pk, pv, attn_mask=p.mask, is_causal=p.mask is None, scale=scaling, enable_gqa=gqa
         )
         out[p.q_start : p.q_end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool[slots] for slots of any shape; index_select copies about 1.5x faster than advanced indexing on CPU."""
+    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
 
 
 def _register_attention() -> None:
@@ -95,6 +107,21 @@ def resolve_dtype(dtype: str, device: torch.device, model_dtype: torch.dtype | N
     if device.type == "cpu":
         return torch.float32  # half precision matmuls are slow or inexact on most CPUs
     return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _group_by_length(decodes: list, max_groups: int = 4, slack: float = 1.3) -> list[list]:
+    """Split decodes into groups of similar context length: one padded attention call per group, so a few long
+    contexts do not make every sequence gather and attend over their length."""
+    if not decodes:
+        return []
+    ordered = sorted(decodes, key=lambda d: d[3])
+    groups = [[ordered[0]]]
+    for d in ordered[1:]:
+        if d[3] > slack * groups[-1][0][3] and len(groups) < max_groups:
+            groups.append([d])
+        else:
+            groups[-1].append(d)
+    return groups
 
 
 class ModelRunner:
@@ -167,16 +194,15 @@ class ModelRunner:
             (decodes if n == 1 else prefills).append((row, seq, start, end))
         dev = self.device
         paged = PagedBatch(kv_cache=self.kv_cache, slot_mapping=torch.tensor(slots, device=dev))
-        if decodes:
-            # One padded block table for all decodes -> every context slot, masked past each context length.
-            width = max(len(seq.block_table) for _, seq, _, _ in decodes)
-            tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for _, seq, _, _ in decodes])
-            kv_slots = (tables[:, :, None] * bs + offsets).view(len(decodes), -1)
-            lengths = torch.tensor([end for _, _, _, end in decodes])
+        for group in _group_by_length(decodes):
+            # One padded block table per group -> every context slot, masked past each context length.
+            width = max(len(seq.block_table) for _, seq, _, _ in group)
+            tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for _, seq, _, _ in group])
+            kv_slots = (tables[:, :, None] * bs + offsets).view(len(group), -1)
+            lengths = torch.tensor([end for _, _, _, end in group])
             mask = torch.arange(kv_slots.shape[1])[None, :] < lengths[:, None]
-            paged.decode_rows = torch.tensor([row for row, _, _, _ in decodes], device=dev)
-            paged.decode_kv_slots = kv_slots.to(dev)
-            paged.decode_mask = mask.view(len(decodes), 1, 1, -1).to(dev)
+            paged.decodes.append(DecodeGroup(torch.tensor([row for row, _, _, _ in group], device=dev),
+                                             kv_slots.to(dev), mask.view(len(group), 1, 1, -1).to(dev)))
         for row, seq, start, end in prefills:
             kv_slots = (torch.tensor(seq.block_table)[:, None] * bs + offsets).view(-1)[:end]
             mask = None
