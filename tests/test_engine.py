@@ -297,3 +297,17 @@ def test_other_architectures_match_generate(tmp_path, tiny_model_dir, arch):
     outputs = run_to_completion(engine)
     for i, p in enumerate(prompts):
         assert tokens_of(outputs[str(i)]) == reference_greedy(reference, p, 12), f"{arch} prompt {i}"
+
+
+def test_sliding_window_caps_max_model_len_and_softcapping_is_refused():
+    from types import SimpleNamespace
+
+    from tideserve.worker.model_runner import supported_attention_window
+
+    mistral = SimpleNamespace(sliding_window=4096)
+    assert supported_attention_window(mistral) == 4096
+    qwen2 = SimpleNamespace(sliding_window=4096, use_sliding_window=False)
+    assert supported_attention_window(qwen2) is None
+    assert supported_attention_window(SimpleNamespace()) is None
+    with pytest.raises(ValueError, match="soft-capping"):
+        supported_attention_window(SimpleNamespace(attn_logit_softcapping=50.0))

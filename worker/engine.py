@@ -260,10 +260,13 @@ class LLMEngine:
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         model_limit = getattr(self.runner.hf_config, "max_position_embeddings", None) or 8192
+        if self.runner.attention_window is not None:
+            model_limit = min(model_limit, self.runner.attention_window)
         if requested is None:
             return min(model_limit, 8192)
         if requested > model_limit:
-            raise ValueError(f"max_model_len {requested} exceeds the model's max_position_embeddings {model_limit}")
+            raise ValueError(f"max_model_len {requested} exceeds what the model supports ({model_limit} tokens: its "
+                             "max_position_embeddings, or its sliding attention window)")
         return requested
 
     def _eos_ids(self) -> set[int]:

@@ -124,6 +124,18 @@ def _group_by_length(decodes: list, max_groups: int = 4, slack: float = 1.3) -> 
     return groups
 
 
+def supported_attention_window(config) -> int | None:
+    """The paged attention here is full causal attention. A model whose layers attend within a sliding window is
+    still served exactly while no sequence is longer than the window, so that window becomes a cap on
+    max_model_len (returned); features it cannot honour are refused at load with a clear error."""
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError("attention logit soft-capping (as in Gemma 2) is not supported by the paged attention")
+    windowed = getattr(config, "use_sliding_window", True) and (
+        getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    )
+    return int(config.sliding_window) if windowed and getattr(config, "sliding_window", None) else None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -138,6 +150,7 @@ class ModelRunner:
         ).to(self.device)
         self.model.eval()
         self.hf_config = text_config
+        self.attention_window = supported_attention_window(text_config)
         self.block_size = config.block_size
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
