@@ -125,6 +125,14 @@ def replica_capacity(args, params, workload, seconds: float = 600.0) -> float:
     return lo
 
 
+def oracle_gpu_hours(arrivals: np.ndarray, capacity: float, window_s: float = 60.0) -> float:
+    """A lower bound for any policy: every minute exactly the replicas its arrivals need at the one-replica
+    benchmark capacity, started instantly and never idle. A policy cannot beat it by more than its replicas
+    run hotter than the benchmark allowed."""
+    counts = np.bincount(((arrivals - arrivals[0]) // window_s).astype(int))
+    return float(np.ceil(counts / window_s / capacity).sum() * window_s / 3600)
+
+
 def _simulate(policy, args, params, workload, initial: int):
     from tideserve.sim.simulator import SimConfig, Simulation
 
@@ -220,6 +228,11 @@ def run(args: argparse.Namespace) -> int:
           f"TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms; simulated in {time.perf_counter() - started:.1f} s")
     print(format_table(summaries))
     verdict = compare(summaries, attainment_goal=args.attainment)
+    verdict["replica_capacity_rps"] = args._replica_capacity
+    verdict["oracle_gpu_hours"] = oracle_gpu_hours(workload[0], args._replica_capacity)
+    static_peak = next((s for s in summaries if s["policy"] == "static-peak"), None)
+    if static_peak:
+        verdict["oracle_vs_static_peak"] = verdict["oracle_gpu_hours"] / static_peak["gpu_hours"]
     for key, value in verdict.items():
         print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
     if args.json:

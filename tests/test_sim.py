@@ -86,7 +86,9 @@ def test_trace_and_simulate_commands(tmp_path, capsys):
         assert 0 <= p["request_attainment"] <= 1 and p["gpu_hours"] > 0
         assert p["requests"] == len(head)
         assert p["policy"] in printed
-    assert "gpu_hours_vs_static_peak" in results["comparison"]
+    comparison = results["comparison"]
+    assert "gpu_hours_vs_static_peak" in comparison and comparison["replica_capacity_rps"] > 0
+    assert 0 < comparison["oracle_gpu_hours"] < max(p["gpu_hours"] for p in results["policies"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
