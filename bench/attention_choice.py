@@ -305,6 +305,8 @@ def fastest(runs: list[dict]) -> dict:
     best = dict(min(runs, key=lambda r: r["seconds"]))
     best["all_seconds"] = [round(r["seconds"], 3) for r in runs]
     best["all_cpu_seconds"] = [round(r["cpu_seconds"], 3) for r in runs]
+    best["all_others_cpu_seconds"] = [None if r["others_cpu_seconds"] is None else round(r["others_cpu_seconds"], 3)
+                                      for r in runs]
     best["same_tokens_every_round"] = all(r["tokens"] == runs[0]["tokens"] for r in runs)
     return best
 
