@@ -52,16 +52,12 @@ def _load_workload(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _peak_and_mean(arrivals, inputs, outputs, window_s: float = 300.0):
+    """The busiest 5-minute request rate, the mean rate, and the trace's mean length mix."""
     from tideserve.autoscaler.perf_model import QueryMix
 
-    bins = (arrivals // window_s).astype(int)
-    counts = np.bincount(bins)
-    peak = int(np.argmax(counts))
-    sel = bins == peak
-    peak_mix = QueryMix(float(inputs[sel].mean()), float(outputs[sel].mean()))
+    peak = np.bincount((arrivals // window_s).astype(int)).max() / window_s
     duration = max(arrivals[-1] - arrivals[0], window_s)
-    return counts[peak] / window_s, peak_mix, len(arrivals) / duration, QueryMix(float(inputs.mean()),
-                                                                                  float(outputs.mean()))
+    return peak, len(arrivals) / duration, QueryMix(float(inputs.mean()), float(outputs.mean()))
 
 
 def build_policy(name: str, args, params, workload):
@@ -71,7 +67,7 @@ def build_policy(name: str, args, params, workload):
     from tideserve.sim import baselines as b
 
     ttft_s, tpot_s = args.ttft_ms / 1000, args.tpot_ms / 1000
-    peak_rate, peak_mix, mean_rate, mean_mix = _peak_and_mean(*workload)
+    _, mean_rate, mean_mix = _peak_and_mean(*workload)
     if name == "tideserve":
         period = args.season_period or 86400.0 / args.time_scale
         return TideservePolicy(PolicyConfig(
@@ -149,7 +145,7 @@ def _static_peak_search(args, params, workload):
     from tideserve.sim.baselines import StaticPolicy
     from tideserve.sim.report import summarize
 
-    peak_rate, _, _, _ = _peak_and_mean(*workload)
+    peak_rate, _, _ = _peak_and_mean(*workload)
     runs: dict[int, tuple] = {}
 
     def run(n: int):
