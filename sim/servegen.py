@@ -12,7 +12,6 @@ compressed: time_scale=48 plays a day in 30 minutes, keeping every window's requ
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
 import tarfile

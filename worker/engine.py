@@ -7,14 +7,13 @@ state is never touched concurrently. `AsyncEngine` runs the step loop in a threa
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from tideserve.worker.block_manager import BlockManager
 from tideserve.worker.config import EngineConfig, validate_batch_limits

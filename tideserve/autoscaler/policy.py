@@ -33,7 +33,7 @@ from tideserve.autoscaler.perf_model import (
     ReplicaCapacity,
     StepTimeParams,
 )
-from tideserve.autoscaler.slo import ErrorBudget, Histogram, PercentileSLO
+from tideserve.autoscaler.slo import ErrorBudget, PercentileSLO
 
 DEFAULT_MIX = QueryMix(512, 128)  # before the first request has finished
 BURST_FACTOR = 4.0
