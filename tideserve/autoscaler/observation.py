@@ -47,6 +47,7 @@ class Observation:
     step_tokens: float | None = None
     replica_startup_s: float | None = None  # measured start-up of the most recent new replica
     replicas: list[ReplicaState] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # why the window is stale, for status and events
 
 
 @dataclass

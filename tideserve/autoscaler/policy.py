@@ -112,8 +112,9 @@ class TideservePolicy:
         if self._started is None:
             self._started = obs.time
         if obs.stale:
+            why = f" ({'; '.join(obs.problems)})" if obs.problems else ""
             return self._decision(obs, current, current_limits, "hold", "MetricsStale: holding replicas and batch "
-                                  "limits until fresh metrics arrive", details={"stale": True})
+                                  f"limits until fresh metrics arrive{why}", details={"stale": True})
         slo = self._slo_state(obs)
         self._calibrate(obs)
         rate, mix = self._load(obs)

@@ -1,0 +1,187 @@
+"""From workers' Prometheus metrics to the policy's Observation: parsing and windowing, without I/O.
+
+The cluster loop (scraping pods or querying Prometheus), the local runtime (scraping worker processes) and
+tests all hand this module one `ReplicaSample` per replica each interval; `WindowAggregator` keeps the
+previous sample of every replica and turns the counters' growth into one window of deltas summed over
+replicas. Both tideserve workers and vLLM workers are understood: they export the same vllm: names (vLLM has
+no tideserve_ step statistics or live batch limits; the policy then plans on its bootstrap profile).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tideserve.autoscaler.observation import Observation, ReplicaState
+from tideserve.autoscaler.slo import Histogram
+
+TTFT = "vllm:time_to_first_token_seconds"
+ITL = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")  # new name, then vLLM < 0.11
+TPOT = "vllm:request_time_per_output_token_seconds"
+QUEUE_TIME = "vllm:request_queue_time_seconds"
+E2E = "vllm:e2e_request_latency_seconds"
+PROMPT_TOKENS = "vllm:request_prompt_tokens"
+GENERATION_TOKENS = "vllm:request_generation_tokens"
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+STEP_SECONDS = "tideserve_step_seconds"
+STEP_SEQUENCES = "tideserve_step_sequences"
+STEP_TOKENS = "tideserve_step_tokens"
+COUNTER_HISTOGRAMS = (TTFT, *ITL, TPOT, QUEUE_TIME, E2E, PROMPT_TOKENS, GENERATION_TOKENS, STEP_SECONDS,
+                      STEP_SEQUENCES, STEP_TOKENS)
+
+
+class MetricsParseError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """One scrape: histograms by family name and plain values by sample name, each summed over label sets
+    (a worker serves one model, but vLLM labels some series per engine or per finish reason)."""
+
+    histograms: dict[str, Histogram]
+    values: dict[str, float]
+
+    def value(self, *names: str) -> float | None:
+        for name in names:
+            if name in self.values:
+                return self.values[name]
+        return None
+
+    def histogram(self, *names: str) -> Histogram | None:
+        for name in names:
+            if name in self.histograms:
+                return self.histograms[name]
+        return None
+
+
+def parse_exposition(text: str) -> MetricsSnapshot:
+    """Parse the Prometheus text format (what /metrics serves). Raises MetricsParseError on malformed text."""
+    buckets: dict[str, dict[float, float]] = {}
+    sums: dict[str, float] = {}
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name, labels, value = sample.name, sample.labels, float(sample.value)
+                if name.endswith("_created"):
+                    continue
+                if name.endswith("_bucket") and "le" in labels:
+                    per_edge = buckets.setdefault(name[: -len("_bucket")], {})
+                    edge = float(labels["le"])
+                    per_edge[edge] = per_edge.get(edge, 0.0) + value
+                elif name.endswith("_sum"):
+                    sums[name[: -len("_sum")]] = sums.get(name[: -len("_sum")], 0.0) + value
+                else:
+                    values[name] = values.get(name, 0.0) + value
+    except (ValueError, TypeError, IndexError) as exc:
+        raise MetricsParseError(f"malformed Prometheus exposition: {exc}") from None
+    histograms = {}
+    for base, per_edge in buckets.items():
+        edges = tuple(sorted(per_edge))
+        if not edges or not math.isinf(edges[-1]):
+            raise MetricsParseError(f"histogram {base} has no +Inf bucket")
+        histograms[base] = Histogram(edges, tuple(per_edge[e] for e in edges), sums.get(base, 0.0))
+    return MetricsSnapshot(histograms, values)
+
+
+@dataclass
+class ReplicaSample:
+    """What one replica showed at `time`. metrics None: it was due (ready) but could not be scraped."""
+
+    name: str
+    time: float
+    ready: bool
+    started_at: float
+    metrics: MetricsSnapshot | None = None
+
+
+@dataclass
+class WindowAggregator:
+    """Successive samples of a deployment's replicas -> one Observation per control interval.
+
+    A ready replica that could not be scraped, or an interval where no ready replica has a previous sample to
+    take a delta from (the first interval after a start or restart), makes the window stale: the policy then
+    holds. A replica first seen after it started counts in full (its counters began at zero); one first seen
+    long after start (an operator restart) only sets its baseline.
+    """
+
+    max_sample_age_s: float = 60.0
+    _previous: dict[str, ReplicaSample] = field(default_factory=dict)
+    _last_time: float | None = None
+
+    def observe(self, time: float, samples: list[ReplicaSample], *, desired_replicas: int, pending_replicas: int,
+                max_num_seqs: int, max_num_batched_tokens: int, replica_startup_s: float | None = None,
+                ) -> Observation:
+        window_s = time - self._last_time if self._last_time is not None else 0.0
+        ready = [s for s in samples if s.ready]
+        problems = [f"{s.name}: no metrics" for s in ready if s.metrics is None]
+        problems += [f"{s.name}: sample {time - s.time:.0f} s old" for s in ready
+                     if s.metrics is not None and time - s.time > self.max_sample_age_s]
+        histograms: dict[str, Histogram] = {}
+        step_stats: dict[str, Histogram] = {}
+        running = waiting = kv_usage = 0.0
+        with_delta = 0
+        for s in ready:
+            if s.metrics is None:
+                continue
+            m = s.metrics
+            running += m.value(RUNNING) or 0.0
+            waiting += m.value(WAITING) or 0.0
+            kv_usage = max(kv_usage, m.value(*KV_USAGE) or 0.0)
+            before = self._previous.get(s.name)
+            if before is not None and before.metrics is not None:
+                earlier = before.metrics
+            elif self._last_time is not None and s.started_at >= self._last_time:
+                earlier = None  # started within the window: everything it counted is new
+            else:
+                continue
+            with_delta += 1
+            for name in COUNTER_HISTOGRAMS:
+                now_h = m.histograms.get(name)
+                if now_h is None:
+                    continue
+                old_h = earlier.histograms.get(name) if earlier is not None else None
+                delta = now_h.minus(old_h if old_h is not None and old_h.edges == now_h.edges else None)
+                target = step_stats if name.startswith("tideserve_step") else histograms
+                key = ITL[0] if name in ITL else name
+                target[key] = target[key].plus(delta) if key in target and target[key].edges == delta.edges else delta
+        if ready and not with_delta and not problems:
+            problems.append("no earlier sample to take a window from yet")
+        if not ready and desired_replicas > 0:
+            problems.append("no ready replica")
+        for s in samples:
+            if s.metrics is not None:
+                self._previous[s.name] = s
+        for gone in set(self._previous) - {s.name for s in samples}:
+            del self._previous[gone]
+        self._last_time = time
+        e2e = histograms.get(E2E)
+        steps = step_stats.get(STEP_SECONDS)
+        n_steps = steps.count if steps is not None else 0.0
+
+        def step_mean(name: str) -> float | None:
+            h = step_stats.get(name)
+            return h.mean if h is not None and n_steps else None
+
+        return Observation(
+            time=time, window_s=window_s, desired_replicas=desired_replicas, ready_replicas=len(ready),
+            pending_replicas=pending_replicas, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, stale=bool(problems) or window_s <= 0,
+            ttft=histograms.get(TTFT), itl=histograms.get(ITL[0]), tpot=histograms.get(TPOT),
+            queue_time=histograms.get(QUEUE_TIME), prompt_tokens=histograms.get(PROMPT_TOKENS),
+            generation_tokens=histograms.get(GENERATION_TOKENS), requests_finished=e2e.count if e2e is not None else 0.0,
+            running=running, waiting=waiting, kv_usage=kv_usage, steps=n_steps,
+            step_s=step_mean(STEP_SECONDS), step_seqs=step_mean(STEP_SEQUENCES), step_tokens=step_mean(STEP_TOKENS),
+            replica_startup_s=replica_startup_s,
+            replicas=[ReplicaState(s.name, s.ready,
+                                   (s.metrics.value(RUNNING) or 0.0) if s.metrics else 0.0,
+                                   (s.metrics.value(WAITING) or 0.0) if s.metrics else 0.0,
+                                   (s.metrics.value(*KV_USAGE) or 0.0) if s.metrics else 0.0, s.started_at)
+                      for s in samples],
+            problems=problems,
+        )
