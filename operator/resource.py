@@ -33,6 +33,28 @@ def openapi_schema() -> dict[str, Any]:
     return version["schema"]["openAPIV3Schema"]
 
 
+def json_schema(node: Any) -> Any:
+    """The CRD's OpenAPI v3 schema as plain JSON schema: the Kubernetes extensions dropped, and unknown fields
+    refused as the API server's strict field validation (kubectl's default) does."""
+    if isinstance(node, dict):
+        result = {k: json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            result.setdefault("additionalProperties", False)
+        return result
+    if isinstance(node, list):
+        return [json_schema(v) for v in node]
+    return node
+
+
+def schema_errors(llmdeployment: dict[str, Any]) -> list[str]:
+    """What the API server's schema validation would refuse (CEL rules aside), one message per field."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(json_schema(openapi_schema()))
+    return [f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+            for e in validator.iter_errors(llmdeployment)]
+
+
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
     """Structural defaulting as the API server does it: absent properties with a `default` get a copy of it
     (which is defaulted in turn), then defaulting recurses into objects and array items. Returns a new value."""

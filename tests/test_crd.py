@@ -14,32 +14,13 @@ import glob
 from typing import Any
 
 import celpy
-import jsonschema
 import pytest
 import yaml
 
-from tideserve.operator.resource import CRD_FILE, apply_defaults, crd, openapi_schema
+from tideserve.operator.resource import CRD_FILE, apply_defaults, crd, openapi_schema, schema_errors
 from tideserve.operator.validation import validate
 
 EXAMPLES = sorted(glob.glob("examples/*.yaml"))
-
-
-def json_schema(node: Any) -> Any:
-    """OpenAPI v3 (as CRDs use it) to JSON schema: drop the Kubernetes extensions, and refuse unknown fields
-    as the API server's strict field validation (kubectl's default) does."""
-    if isinstance(node, dict):
-        result = {k: json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-            result.setdefault("additionalProperties", False)
-        return result
-    if isinstance(node, list):
-        return [json_schema(v) for v in node]
-    return node
-
-
-def schema_errors(obj: dict) -> list[str]:
-    validator = jsonschema.Draft7Validator(json_schema(openapi_schema()))
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
 
 
 def cel_errors(schema: dict, value: Any, path: str = "") -> list[str]:
