@@ -9,6 +9,11 @@
 - An asyncio lock per LLMDeployment keeps two reconciles of one object from interleaving; peering keeps two
   operator replicas from both acting.
 
+- Every watch event of an LLMDeployment also reaches the autoscaler's supervisor (autoscaler_loop.py), which
+  starts, keeps or stops that object's autoscaling loop: plain asyncio tasks, not kopf timers or daemons,
+  because those put a finalizer on the object. kopf's cleanup stops every loop, each saving what its policy
+  learned.
+
 No finalizer: the children are deleted by garbage collection through their owner references.
 """
 
@@ -23,6 +28,8 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from tideserve.operator import kube as kube_mod, reconcile as reconcile_mod
+from tideserve.operator.autoscaler_loop import Autoscaler, AutoscalerOptions
+from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
 from tideserve.operator.manifests import MANAGED_BY, MANAGED_BY_LABEL, SELECTOR_LABEL
 from tideserve.operator.resource import GROUP, KIND, PLURAL, VERSION
 
@@ -59,11 +66,20 @@ def reconciles_probe(memo: kopf.Memo, **_: Any) -> int:
     return memo.stats["reconciles"]
 
 
-def new_memo(kube_configuration, config) -> kopf.Memo:
-    """Everything the handlers share: API credentials, the client, image settings, per-object locks, counters.
-    kopf gives each object a shallow copy of this memo, so shared state lives in mutable containers."""
-    return kopf.Memo(kube_configuration=kube_configuration, kube=kube_mod.KubeClient(kube_configuration),
-                     config=config, locks=collections.defaultdict(asyncio.Lock), stats=collections.Counter())
+@kopf.on.cleanup(registry=registry)
+async def stop_autoscaling(memo: kopf.Memo, **_: Any) -> None:
+    await memo.autoscaler.shutdown()
+
+
+def new_memo(kube_configuration, config, autoscaler_options: AutoscalerOptions | None = None,
+             metrics: AutoscalerMetrics | None = None) -> kopf.Memo:
+    """Everything the handlers share: API credentials, the client, image settings, per-object locks, counters,
+    the autoscaler's supervisor. kopf gives each object a shallow copy of this memo, so shared state lives in
+    mutable containers."""
+    kube = kube_mod.KubeClient(kube_configuration)
+    return kopf.Memo(kube_configuration=kube_configuration, kube=kube, config=config,
+                     locks=collections.defaultdict(asyncio.Lock), stats=collections.Counter(),
+                     autoscaler=Autoscaler(kube, autoscaler_options, metrics))
 
 
 async def run_reconcile(memo: kopf.Memo, namespace: str, name: str) -> None:
@@ -97,9 +113,12 @@ async def reconcile_llmdeployment(namespace: str, name: str, memo: kopf.Memo, **
 
 
 @kopf.on.event(*LLMDEPLOYMENTS, registry=registry)
-def forget_deleted(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    if event["type"] == "DELETED":
+async def llmdeployment_event(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    # Async on purpose: a loop task started here inherits kopf's context, which kopf.event() needs.
+    deleted = event["type"] == "DELETED"
+    if deleted:
         memo.locks.pop((namespace, name), None)
+    memo.autoscaler.sync(namespace, name, event.get("object"), deleted=deleted)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)

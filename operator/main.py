@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+import uuid
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+DEFAULT_METRICS_PORT = 8090
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,12 +32,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-image", default=defaults.vllm_image, help="image for engine.kind vllm")
     parser.add_argument("--s3-download-image", default=defaults.s3_download_image,
                         help="image of the init container that downloads s3:// models (entrypoint: aws)")
+    autoscaler = parser.add_argument_group("autoscaler (LLMDeployments with spec.autoscaling.mode advisory or active)")
+    autoscaler.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                            help="serve the autoscaler's own Prometheus metrics on this port at /metrics (0 disables)")
+    autoscaler.add_argument("--prometheus-url", default=os.environ.get("TIDESERVE_PROMETHEUS_URL") or None,
+                            help="read the workers' metrics through this Prometheus HTTP API (e.g. "
+                                 "http://prometheus.monitoring:9090) instead of scraping each ready pod's /metrics "
+                                 "(default: $TIDESERVE_PROMETHEUS_URL, else scrape)")
+    autoscaler.add_argument("--prometheus-namespace-label", default="namespace",
+                            help="the label that carries a worker series' namespace in Prometheus")
+    autoscaler.add_argument("--prometheus-pod-label", default="pod",
+                            help="the label that carries a worker series' pod name in Prometheus")
+    autoscaler.add_argument("--scrape-timeout", type=float, default=5.0,
+                            help="seconds to wait for one pod's /metrics, a Prometheus query or an admin call")
+    autoscaler.add_argument("--state-save-interval", type=float, default=300.0,
+                            help="seconds between saves of what each deployment's policy learned to its "
+                                 "ConfigMap NAME-autoscaler-state (also saved when its loop stops)")
     parser.add_argument("--log-level", default="info")
+
+
+def operator_identity() -> str:
+    """This operator's peering identity: the pod's name (POD_ID, as kopf reads it) or host and a random part."""
+    return os.environ.get("POD_ID") or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
 def run(args: argparse.Namespace) -> int:
     import kopf
+    import prometheus_client
 
+    from tideserve.operator.autoscaler_loop import AutoscalerOptions, PeeringSettings
+    from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
     from tideserve.operator.handlers import new_memo, registry
     from tideserve.operator.kube import load_configuration
     from tideserve.operator.manifests import OperatorConfig
@@ -42,9 +69,20 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig(tideserve_image=args.worker_image, vllm_image=args.vllm_image,
                             s3_download_image=args.s3_download_image)
+    identity = operator_identity()
+    peering = None if args.peering is None else PeeringSettings(args.peering, identity, args.priority,
+                                                                 clusterwide=not args.namespaces)
+    options = AutoscalerOptions(prometheus_url=args.prometheus_url,
+                                prometheus_namespace_label=args.prometheus_namespace_label,
+                                prometheus_pod_label=args.prometheus_pod_label, scrape_timeout_s=args.scrape_timeout,
+                                state_save_interval_s=args.state_save_interval, peering=peering)
+    metrics = AutoscalerMetrics()
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port, registry=metrics.registry)
     kopf.run(
         registry=registry,
-        memo=new_memo(load_configuration(args.kubeconfig), config),
+        memo=new_memo(load_configuration(args.kubeconfig), config, options, metrics),
+        identity=identity,
         clusterwide=not args.namespaces,
         namespaces=args.namespaces,
         standalone=args.peering is None,

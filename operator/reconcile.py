@@ -22,6 +22,7 @@ from tideserve.operator.validation import validate
 
 # Rejections that retrying will not fix until someone changes something: report them in status instead.
 REJECTED = {400, 403, 422}
+STATUS_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,31 @@ def reconcile(kube, config: manifests.OperatorConfig, namespace: str, name: str,
                 events.append(event)
             decision = decision or decision_here
     pods = kube.list(f"/api/v1/namespaces/{namespace}/pods", manifests.label_selector(name))
-    new_status = status_mod.compute_status(llmd, deployment, pods, problems, decision, now)
-    events += [Event(*e) for e in status_mod.condition_events(raw.get("status", {}).get("conditions", []),
-                                                                 new_status["conditions"])]
-    patch = status_mod.status_patch(raw.get("status", {}), new_status)
-    if patch:
-        kube.merge_patch(llmdeployment_path(namespace, name, "status"),
-                         _with_precondition({"status": patch}, raw))
-    return events
+    return events + _write_status(kube, raw, llmd, deployment, pods, problems, decision, now)
+
+
+def _write_status(kube, raw, llmd, deployment, pods, problems, decision, now) -> list[Event]:
+    """Patch the owned status fields. The autoscaling loop writes status too: when its write gets in between
+    (409), re-read and recompute from the fresh status rather than redo the whole reconcile, which would find
+    the children converged and lose this reconcile's events and scaling decision. A changed spec (generation)
+    gives up: the update handler reconciles it anew."""
+    namespace, name = raw["metadata"]["namespace"], raw["metadata"]["name"]
+    for attempt in range(STATUS_RETRIES):
+        new_status = status_mod.compute_status(llmd, deployment, pods, problems, decision, now)
+        patch = status_mod.status_patch(raw.get("status", {}), new_status)
+        if not patch:
+            break
+        try:
+            kube.merge_patch(llmdeployment_path(namespace, name, "status"), _with_precondition({"status": patch}, raw))
+            break
+        except ApiException as exc:
+            fresh = kube.get(llmdeployment_path(namespace, name)) if exc.status == 409 else None
+            if fresh is None or attempt + 1 == STATUS_RETRIES or \
+                    fresh["metadata"].get("generation") != raw["metadata"].get("generation"):
+                raise
+            raw, llmd = fresh, {**llmd, "status": fresh.get("status", {}), "metadata": fresh["metadata"]}
+    return [Event(*e) for e in status_mod.condition_events(raw.get("status", {}).get("conditions", []),
+                                                          new_status["conditions"])]
 
 
 def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, observed: dict[str, Any] | None,

@@ -16,7 +16,8 @@ from tideserve.operator.manifests import SCALING_DECISION_ANNOTATION, endpoint_u
 
 READY, PROGRESSING, DEGRADED, CAPACITY_LIMITED = "Ready", "Progressing", "Degraded", "CapacityLimited"
 OWN_CONDITIONS = (READY, PROGRESSING, DEGRADED, CAPACITY_LIMITED)
-# Status fields this operator writes; the rest (autoscaling, metrics, kopf) belong to other writers.
+# Status fields reconcile writes; autoscaling and metrics belong to the autoscaling loop (autoscaler_loop.py),
+# kopf to kopf. batchLimits is computed the same way by both: the autoscaler's limits while it runs them.
 OWN_FIELDS = ("observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "selector", "endpoint",
               "batchLimits", "lastScalingDecision", "conditions")
 # Container waiting reasons that will not fix themselves.
@@ -35,9 +36,10 @@ def timestamp(now: datetime.datetime) -> str:
     return now.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _condition(ctype: str, true: bool, reason: str, message: str, generation: int | None,
-               previous: dict[str, dict[str, Any]], now: datetime.datetime) -> dict[str, Any]:
-    status = "True" if true else "False"
+def condition(ctype: str, true: bool | None, reason: str, message: str, generation: int | None,
+              previous: dict[str, dict[str, Any]], now: datetime.datetime) -> dict[str, Any]:
+    """A metav1.Condition (true None: status Unknown); lastTransitionTime is kept while the status holds."""
+    status = "Unknown" if true is None else "True" if true else "False"
     before = previous.get(ctype)
     since = before["lastTransitionTime"] if before and before.get("status") == status else timestamp(now)
     condition = {"type": ctype, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
@@ -95,7 +97,7 @@ def compute_status(llmd: dict[str, Any], deployment: dict[str, Any] | None, pods
     quota = replica_failure.get("status") == "True" and "exceeded quota" in replica_failure.get("message", "")
 
     def cond(ctype: str, true: bool, reason: str, message: str) -> dict[str, Any]:
-        return _condition(ctype, true, reason, message, generation, previous, now)
+        return condition(ctype, true, reason, message, generation, previous, now)
 
     counts = f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
     if problems:
@@ -146,8 +148,7 @@ def compute_status(llmd: dict[str, Any], deployment: dict[str, Any] | None, pods
         "updatedReplicas": updated,
         "selector": label_selector(llmd["metadata"]["name"]),
         "endpoint": endpoint_url(llmd),
-        "batchLimits": {"maxNumSeqs": spec["engine"]["maxNumSeqs"],
-                        "maxNumBatchedTokens": spec["engine"]["maxNumBatchedTokens"]},
+        "batchLimits": batch_limits(llmd),
         "conditions": [ready_c, progressing_c, degraded_c, capacity_c] + foreign,
     }
     if generation is not None:
@@ -156,6 +157,26 @@ def compute_status(llmd: dict[str, Any], deployment: dict[str, Any] | None, pods
     if decision:
         status["lastScalingDecision"] = decision
     return status
+
+
+def autoscaler_runs_batch_limits(spec: dict[str, Any]) -> bool:
+    """Whether the autoscaler sets the batch limits: mode active on the tideserve engine (vLLM cannot change
+    them without a restart)."""
+    return spec["autoscaling"]["mode"] == "active" and spec["engine"]["kind"] == "tideserve"
+
+
+def batch_limits(llmd: dict[str, Any]) -> dict[str, int]:
+    """The batch limits the replicas run and new pods are given: the autoscaler's (status.autoscaling.batchLimits,
+    pushed to every ready pod) while it runs them, else the spec's (the pods' start arguments)."""
+    spec = llmd["spec"]
+    engine = spec["engine"]
+    limits = {"maxNumSeqs": engine["maxNumSeqs"], "maxNumBatchedTokens": engine["maxNumBatchedTokens"]}
+    chosen = llmd.get("status", {}).get("autoscaling", {}).get("batchLimits")
+    if autoscaler_runs_batch_limits(spec) and isinstance(chosen, dict) and \
+            isinstance(chosen.get("maxNumSeqs"), int) and isinstance(chosen.get("maxNumBatchedTokens"), int):
+        seqs = max(1, min(chosen["maxNumSeqs"], engine["maxNumSeqs"]))
+        limits = {"maxNumSeqs": seqs, "maxNumBatchedTokens": max(chosen["maxNumBatchedTokens"], seqs)}
+    return limits
 
 
 def scaling_decision(llmd: dict[str, Any], from_replicas: int, to_replicas: int,

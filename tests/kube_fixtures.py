@@ -43,6 +43,7 @@ import pytest_asyncio
 from kmock._internal import enums
 
 from tideserve.operator import handlers
+from tideserve.operator.autoscaler_loop import AutoscalerOptions
 from tideserve.operator.kube import load_configuration
 from tideserve.operator.manifests import OperatorConfig
 
@@ -62,6 +63,7 @@ RESOURCES = {
     ("policy", "v1", "poddisruptionbudgets"): dict(kind="PodDisruptionBudget", namespaced=True, subresources={"status"}),
     ("", "v1", "pods"): dict(kind="Pod", namespaced=True, subresources={"status"}),
     ("", "v1", "events"): dict(kind="Event", namespaced=True, subresources=set()),
+    ("", "v1", "configmaps"): dict(kind="ConfigMap", namespaced=True, subresources=set()),
     ("", "v1", "namespaces"): dict(kind="Namespace", namespaced=False, subresources={"status"}),
     ("apiextensions.k8s.io", "v1", "customresourcedefinitions"): dict(kind="CustomResourceDefinition", namespaced=False, subresources={"status"}),
 }
@@ -370,9 +372,9 @@ class RunningOperator:
     `tideserve operator` runs it, in a thread with its own event loop: kopf's shutdown cancels every task of
     its loop that it did not see at startup, which must not hit the test's tasks or the emulator's."""
 
-    def __init__(self, kubeconfig: str):
+    def __init__(self, kubeconfig: str, autoscaler_options: AutoscalerOptions | None = None):
         self.memo = handlers.new_memo(load_configuration(kubeconfig),
-                                      OperatorConfig(tideserve_image="tideserve-worker:test"))
+                                      OperatorConfig(tideserve_image="tideserve-worker:test"), autoscaler_options)
         self.stop, self.ready = threading.Event(), threading.Event()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._main, name="operator", daemon=True)
@@ -405,6 +407,19 @@ async def operator(api, tmp_path):
         yield running
     finally:
         await running.shutdown()
+
+
+def requests_as_rbac(api) -> set[tuple[str, str]]:
+    """The (resource, verb) pairs of every API request the operator and kopf made, as RBAC rules name them."""
+    used = set()
+    for r in api._requests:
+        if r.headers.get("User-Agent", "").startswith("kmock/") or r.resource is None or r.resource.plural is None:
+            continue  # the test's own requests, and discovery (allowed to every authenticated user)
+        resource = f"{r.resource.group or 'core'}/{r.resource.plural}" + (f"/{r.subresource}" if r.subresource else "")
+        verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}.get(r.method.value) or (
+            "watch" if r.params.get("watch") == "true" else "get" if r.name else "list")
+        used.add((resource, verb))
+    return used
 
 
 async def eventually(check, timeout: float = 10.0, interval: float = 0.02):

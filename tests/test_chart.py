@@ -18,6 +18,8 @@ KUBERNETES_VERSION = "1.35.0"
 VALUE_SETS = {
     "cluster-wide": [],
     "namespaced-with-peering": ["--set", "replicaCount=2", "--set", "watchNamespaces={llm,team-a}"],
+    "prometheus-no-metrics-port": ["--set", "autoscaler.prometheusUrl=http://prometheus.monitoring:9090",
+                                   "--set", "metrics.port=0"],
 }
 
 
@@ -61,14 +63,16 @@ def rules_by_kind(docs: list[dict], kind: str) -> dict[str, set[tuple[str, str]]
     return found
 
 
-# What the operator calls (operator/reconcile.py and kopf's watches, status patches and events), and nothing else.
+# What the operator calls (operator/reconcile.py, the autoscaling loop, and kopf's watches, status patches and
+# events), and nothing else.
 WORKLOAD = {
-    ("tideserve.io/llmdeployments", v) for v in ("get", "list", "watch")} | {
+    ("tideserve.io/llmdeployments", v) for v in ("get", "list", "watch", "patch")} | {
     ("tideserve.io/llmdeployments/status", "patch")} | {
     ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch")} | {
     ("core/services", v) for v in ("get", "list", "watch", "create", "patch")} | {
     ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
-    ("core/pods", "list"), ("core/pods", "watch"), ("core/events", "create")}
+    ("core/pods", v) for v in ("list", "watch", "patch")} | {
+    ("core/configmaps", v) for v in ("get", "create", "patch")} | {("core/events", "create")}
 CRD_DISCOVERY = {("apiextensions.k8s.io/customresourcedefinitions", "list"),
                  ("apiextensions.k8s.io/customresourcedefinitions", "watch")}
 
@@ -106,3 +110,10 @@ def test_operator_arguments_are_accepted_by_tideserve_operator():
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         parsed = build_parser().parse_args(["operator", *args])
         assert parsed.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+        ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert ports.get("metrics", 0) == parsed.metrics_port
+    (deployment,) = [d for d in render(VALUE_SETS["prometheus-no-metrics-port"]) if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = build_parser().parse_args(["operator", *args])
+    assert parsed.prometheus_url == "http://prometheus.monitoring:9090" and parsed.metrics_port == 0
+    assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"].get("annotations", {})

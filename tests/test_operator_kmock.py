@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from kube_fixtures import RunningOperator, api, eventually, operator, write_kubeconfig  # noqa: F401
+from kube_fixtures import RunningOperator, api, eventually, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
 
 pytestmark = pytest.mark.asyncio
 
@@ -312,13 +312,6 @@ async def test_every_request_is_allowed_by_the_charts_rbac(api, operator):
     await request(api, "PATCH", f"{BASE}/smollm2/scale", {"spec": {"replicas": 1}})
     await eventually(lambda: api.get(*PDB, NS, "smollm2") is None)
     await settled(api, operator, "smollm2")
-    used = set()
-    for r in api._requests:
-        if r.headers.get("User-Agent", "").startswith("kmock/") or r.resource is None or r.resource.plural is None:
-            continue  # the test's own requests, and discovery (allowed to every authenticated user)
-        resource = f"{r.resource.group or 'core'}/{r.resource.plural}" + (f"/{r.subresource}" if r.subresource else "")
-        verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}.get(r.method.value) or (
-            "watch" if r.params.get("watch") == "true" else "get" if r.name else "list")
-        used.add((resource, verb))
+    used = requests_as_rbac(api)
     assert ("policy/poddisruptionbudgets", "delete") in used
     assert used <= WORKLOAD | CRD_DISCOVERY, used - (WORKLOAD | CRD_DISCOVERY)

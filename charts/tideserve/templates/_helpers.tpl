@@ -33,9 +33,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The rules for LLMDeployments and their children: exactly the verbs the operator uses. */}}
 {{- define "tideserve.workloadRules" -}}
+# patch: the autoscaler writes spec.replicas (mode active) with its reason annotation.
 - apiGroups: [tideserve.io]
   resources: [llmdeployments]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [tideserve.io]
   resources: [llmdeployments/status]
   verbs: [patch]
@@ -48,9 +49,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
+# pods: status and the autoscaler's metrics; patch sets the deletion cost of the pods a scale-down drains.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [list, watch, patch]
+# The autoscaler's learned state, one ConfigMap NAME-autoscaler-state per LLMDeployment.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

@@ -1,0 +1,292 @@
+"""Where the autoscaling loop gets its numbers: the worker pods' own /metrics, or the Prometheus HTTP API.
+
+Pure helpers read pods (readiness, start times, where to scrape, the admin endpoint) and Prometheus query
+results; the two async collectors fetch. Both collectors answer the same thing: one `MetricsSnapshot` per pod
+that answered (tideserve_ and vllm: names alike, see tideserve.autoscaler.scrape), so the policy cannot tell
+where its numbers came from.
+
+Scrape address: the pod's IP with the `prometheus.io/port` and `prometheus.io/path` annotations that the
+operator puts on every worker pod template (port 8000, /metrics, the public API port serves /metrics);
+the admin endpoint is the pod's container port named `admin` (8001). Reading both from the pod itself keeps one
+source of truth with manifests.py and lets tests point them at a local server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from tideserve.autoscaler.scrape import MetricsParseError, MetricsSnapshot, parse_exposition
+from tideserve.operator.manifests import ADMIN_PORT, API_PORT, CONTAINER_NAME
+
+BATCH_LIMITS_PATH = "/admin/batch-limits"
+# The worker's live limits, as it exports them; compared with the stored ones to find pods to update.
+LIMIT_SEQS, LIMIT_TOKENS = "tideserve_max_num_seqs", "tideserve_max_num_batched_tokens"
+
+
+def parse_time(value: str | None) -> float | None:
+    """An RFC 3339 timestamp as the API server writes it -> seconds since the epoch."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return calendar.timegm(parsed.utctimetuple()) + parsed.microsecond / 1e6
+
+
+def _condition(pod: dict[str, Any], ctype: str) -> dict[str, Any]:
+    for cond in pod.get("status", {}).get("conditions", []) or []:
+        if cond.get("type") == ctype:
+            return cond
+    return {}
+
+
+def is_terminating(pod: dict[str, Any]) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    """Serving traffic: the Ready condition holds, the pod has an IP and is not on its way out."""
+    return (not is_terminating(pod) and bool(pod.get("status", {}).get("podIP"))
+            and _condition(pod, "Ready").get("status") == "True")
+
+
+def started_at(pod: dict[str, Any]) -> float:
+    """When the worker process (and so its counters) started: the container's start, else the pod's."""
+    status = pod.get("status", {})
+    for container in status.get("containerStatuses", []) or []:
+        if container.get("name") == CONTAINER_NAME:
+            running = parse_time(container.get("state", {}).get("running", {}).get("startedAt"))
+            if running is not None:
+                return running
+    return parse_time(status.get("startTime")) or parse_time(pod["metadata"].get("creationTimestamp")) or 0.0
+
+
+def is_unschedulable(pod: dict[str, Any]) -> bool:
+    cond = _condition(pod, "PodScheduled")
+    return cond.get("status") == "False" and cond.get("reason") == "Unschedulable"
+
+
+def pending_count(pods: list[dict[str, Any]], now: float, expected_startup_s: float) -> int:
+    """Replicas that asked for capacity and did not get it: not ready and either refused by the scheduler or
+    still starting well past the expected start-up time. The policy adds no replica while any exist."""
+    count = 0
+    for pod in pods:
+        if is_terminating(pod) or is_ready(pod):
+            continue
+        created = parse_time(pod["metadata"].get("creationTimestamp"))
+        overdue = created is not None and now - created > 1.5 * expected_startup_s
+        if is_unschedulable(pod) or overdue:
+            count += 1
+    return count
+
+
+def newest_startup_s(pods: list[dict[str, Any]], since: float | None) -> float | None:
+    """Creation-to-ready time of the pod that most recently became ready after `since` (None: none did)."""
+    best: tuple[float, float] | None = None
+    for pod in pods:
+        if not is_ready(pod):
+            continue
+        became_ready = parse_time(_condition(pod, "Ready").get("lastTransitionTime"))
+        created = parse_time(pod["metadata"].get("creationTimestamp"))
+        if became_ready is None or created is None or (since is not None and became_ready <= since):
+            continue
+        if best is None or became_ready > best[0]:
+            best = (became_ready, max(0.0, became_ready - created))
+    return best[1] if best else None
+
+
+def _host(pod: dict[str, Any]) -> str:
+    ip = pod["status"]["podIP"]
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _container_port(pod: dict[str, Any], port_name: str, default: int) -> int:
+    for container in pod.get("spec", {}).get("containers", []) or []:
+        if container.get("name") != CONTAINER_NAME:
+            continue
+        for port in container.get("ports", []) or []:
+            if port.get("name") == port_name and port.get("containerPort"):
+                return int(port["containerPort"])
+    return default
+
+
+def metrics_url(pod: dict[str, Any]) -> str:
+    annotations = pod["metadata"].get("annotations", {}) or {}
+    port = annotations.get("prometheus.io/port") or str(API_PORT)
+    path = annotations.get("prometheus.io/path") or "/metrics"
+    return f"http://{_host(pod)}:{port}/{path.lstrip('/')}"
+
+
+def admin_url(pod: dict[str, Any]) -> str:
+    return f"http://{_host(pod)}:{_container_port(pod, 'admin', ADMIN_PORT)}{BATCH_LIMITS_PATH}"
+
+
+def reported_limits(snapshot: MetricsSnapshot | None) -> tuple[int, int] | None:
+    """The batch limits a tideserve worker says it runs (None for vLLM, or without metrics)."""
+    if snapshot is None:
+        return None
+    seqs, tokens = snapshot.value(LIMIT_SEQS), snapshot.value(LIMIT_TOKENS)
+    if seqs is None or tokens is None:
+        return None
+    return int(seqs), int(tokens)
+
+
+# --- Prometheus query results -------------------------------------------------------------------------------
+
+
+def _promql_string(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def prometheus_selector(namespace: str, pods: list[str], namespace_label: str, pod_label: str) -> str:
+    """Label matchers for the worker series of these pods (pod names are DNS labels: only '.' needs escaping)."""
+    regex = "|".join(p.replace(".", "\\\\.") for p in sorted(pods))
+    return f'{namespace_label}="{_promql_string(namespace)}",{pod_label}=~"{regex}"'
+
+
+def prometheus_queries(namespace: str, pods: list[str], namespace_label: str = "namespace",
+                       pod_label: str = "pod") -> tuple[str, str]:
+    """(every worker series of the pods, the time each pod was last scraped)."""
+    selector = prometheus_selector(namespace, pods, namespace_label, pod_label)
+    return (f'{{__name__=~"vllm:.+|tideserve_.+",{selector}}}',
+            f'max by ({pod_label}) (timestamp(vllm:num_requests_running{{{selector}}}))')
+
+
+def _format_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def snapshots_from_prometheus(result: list[dict[str, Any]], pod_label: str = "pod") -> dict[str, MetricsSnapshot]:
+    """An instant-vector query result (`data.result` of /api/v1/query) -> one snapshot per pod.
+
+    The series are summed per (name, le) as a scrape of the pod would be, rendered in the text format and read
+    by the same parser as a direct scrape, so both ways of collecting agree to the sample. A pod whose series do
+    not parse (a histogram without its +Inf bucket, say) is left out, as an unscrapable pod would be."""
+    per_pod: dict[str, dict[tuple[str, str | None], float]] = defaultdict(lambda: defaultdict(float))
+    for series in result:
+        labels = series.get("metric", {})
+        pod, name = labels.get(pod_label), labels.get("__name__")
+        try:
+            value = float(series["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+        if pod and name:
+            per_pod[pod][name, labels.get("le")] += value
+    snapshots = {}
+    for pod, samples in per_pod.items():
+        lines = []
+        for (name, le), value in sorted(samples.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+            label = f'{{le="{le}"}}' if le is not None else ""
+            lines.append(f"{name}{label} {_format_value(value)}")
+        try:
+            snapshots[pod] = parse_exposition("\n".join(lines) + "\n")
+        except MetricsParseError:
+            continue
+    return snapshots
+
+
+def scrape_times_from_prometheus(result: list[dict[str, Any]], pod_label: str = "pod") -> dict[str, float]:
+    times: dict[str, float] = {}
+    for series in result:
+        pod = series.get("metric", {}).get(pod_label)
+        try:
+            value = float(series["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+        if pod:
+            times[pod] = max(times.get(pod, value), value)
+    return times
+
+
+# --- collectors ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    """One collection round: a snapshot and its time per pod that answered; why the others did not."""
+
+    snapshots: dict[str, MetricsSnapshot]
+    times: dict[str, float]
+    errors: dict[str, str]
+
+
+async def scrape_pods(client: httpx.AsyncClient, pods: list[dict[str, Any]], timeout_s: float) -> Collected:
+    """GET every pod's /metrics at once."""
+
+    async def one(pod: dict[str, Any]) -> tuple[str, MetricsSnapshot | None, float, str | None]:
+        name = pod["metadata"]["name"]
+        try:
+            response = await client.get(metrics_url(pod), timeout=timeout_s)
+            if response.status_code != 200:
+                return name, None, 0.0, f"/metrics answered {response.status_code}"
+            return name, parse_exposition(response.text), time.time(), None
+        except (httpx.HTTPError, MetricsParseError) as exc:
+            return name, None, 0.0, f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+    collected = Collected({}, {}, {})
+    for name, snapshot, at, error in await asyncio.gather(*(one(p) for p in pods)):
+        if snapshot is not None:
+            collected.snapshots[name], collected.times[name] = snapshot, at
+        else:
+            collected.errors[name] = error or "no metrics"
+    return collected
+
+
+async def query_prometheus(client: httpx.AsyncClient, url: str, namespace: str, pods: list[dict[str, Any]],
+                           timeout_s: float, namespace_label: str = "namespace", pod_label: str = "pod") -> Collected:
+    """The same series through the Prometheus HTTP API (two instant queries for all pods of a deployment)."""
+    names = [p["metadata"]["name"] for p in pods]
+    if not names:
+        return Collected({}, {}, {})
+    series_query, times_query = prometheus_queries(namespace, names, namespace_label, pod_label)
+
+    async def query(promql: str) -> list[dict[str, Any]]:
+        response = await client.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}, timeout=timeout_s)
+        response.raise_for_status()
+        body = response.json()
+        if body.get("status") != "success":
+            raise ValueError(f"Prometheus: {body.get('error', body.get('status'))}")
+        return body["data"]["result"]
+
+    try:
+        series, times = await asyncio.gather(query(series_query), query(times_query))
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        return Collected({}, {}, {name: f"Prometheus query failed: {exc}" for name in names})
+    snapshots = snapshots_from_prometheus(series, pod_label)
+    scraped = scrape_times_from_prometheus(times, pod_label)
+    collected = Collected({}, {}, {})
+    for name in names:
+        if name in snapshots and name in scraped:
+            collected.snapshots[name], collected.times[name] = snapshots[name], scraped[name]
+        else:
+            collected.errors[name] = "no series in Prometheus"
+    return collected
+
+
+async def put_batch_limits(client: httpx.AsyncClient, pod: dict[str, Any], max_num_seqs: int,
+                           max_num_batched_tokens: int, timeout_s: float, token: str | None = None) -> str | None:
+    """PUT the limits to one pod's admin endpoint; None on success, else why not."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = await client.put(admin_url(pod), json={"max_num_seqs": max_num_seqs,
+                                                          "max_num_batched_tokens": max_num_batched_tokens},
+                                    headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return None if response.status_code == 200 else f"admin endpoint answered {response.status_code}"

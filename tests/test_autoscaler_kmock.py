@@ -1,0 +1,376 @@
+"""The closed loop in the cluster: the real operator (kopf, handlers, the autoscaling loops) against the strict
+kmock API emulator, with worker pods played by a small in-test HTTP server.
+
+Each fake pod is a port of one aiohttp server: /metrics serves real worker metrics (tideserve.worker.metrics,
+the vllm: and tideserve_ names) that grow by a chosen load on every scrape, and PUT /admin/batch-limits records
+the limits and reports them from then on, as a worker does. The emulated pods point at it the way the
+operator's pod template points at a worker: podIP, the prometheus.io/port annotation and the container port
+named admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+
+import aiohttp.web
+import pytest
+import pytest_asyncio
+from prometheus_client import generate_latest
+
+from conftest import free_port
+from kube_fixtures import RunningOperator, api, eventually, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
+from test_chart import CRD_DISCOVERY, WORKLOAD
+from tideserve.operator import autoscaler_state
+from tideserve.operator.autoscaler_loop import AutoscalerOptions, DELETION_COST_ANNOTATION
+from tideserve.operator.resource import schema_errors
+from tideserve.worker.metrics import EngineMetrics
+
+pytestmark = pytest.mark.asyncio
+
+LLMD = ("tideserve.io", "v1alpha1", "llmdeployments")
+DEPLOYMENT = ("apps", "v1", "deployments")
+CONFIGMAP = ("", "v1", "configmaps")
+NS = "default"
+NAME = "chat"
+BASE = f"/apis/tideserve.io/v1alpha1/namespaces/{NS}/llmdeployments"
+PODS = f"/api/v1/namespaces/{NS}/pods"
+
+
+class FakePod:
+    """What one worker shows: metrics that grow by `load` requests per scrape, and live batch limits."""
+
+    def __init__(self, name: str, limits=(256, 8192)):
+        self.name, self.port = name, free_port()
+        self.metrics = EngineMetrics(NAME)
+        self.load, self.ttft, self.tpot, self.running = 0, 0.3, 0.02, 0.0
+        self.limits = limits
+        self.broken = False
+        self.puts: list[dict] = []
+
+    def scrape(self) -> bytes:
+        m = self.metrics
+        for _ in range(self.load):
+            m.ttft.observe(self.ttft)
+            m.itl.observe(self.tpot)
+            m.tpot.observe(self.tpot)
+            m.e2e.observe(self.ttft + 100 * self.tpot)
+            m.queue_time.observe(0.01)
+            m.prompt_len.observe(500)
+            m.output_len.observe(100)
+        m.running.set(self.running)
+        m.max_num_seqs.set(self.limits[0])
+        m.max_num_batched_tokens.set(self.limits[1])
+        return generate_latest(m.registry)
+
+
+class FakePods:
+    """One aiohttp application, one listening port per fake pod (the port tells which pod is asked)."""
+
+    def __init__(self):
+        self.pods: dict[int, FakePod] = {}
+        app = aiohttp.web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_put("/admin/batch-limits", self._limits)
+        self.runner = aiohttp.web.AppRunner(app)
+
+    def _pod(self, request) -> FakePod:
+        return self.pods[request.transport.get_extra_info("sockname")[1]]
+
+    async def _metrics(self, request):
+        pod = self._pod(request)
+        if pod.broken:
+            return aiohttp.web.Response(status=500, text="engine exploded")
+        return aiohttp.web.Response(body=pod.scrape(), content_type="text/plain")
+
+    async def _limits(self, request):
+        pod = self._pod(request)
+        body = await request.json()
+        pod.puts.append(body)
+        pod.limits = (body["max_num_seqs"], body["max_num_batched_tokens"])
+        return aiohttp.web.json_response(body)
+
+    async def add(self, name: str, **kwargs) -> FakePod:
+        pod = FakePod(name, **kwargs)
+        await aiohttp.web.TCPSite(self.runner, "127.0.0.1", pod.port).start()
+        self.pods[pod.port] = pod
+        return pod
+
+
+@pytest_asyncio.fixture
+async def fake_pods():
+    pods = FakePods()
+    await pods.runner.setup()
+    try:
+        yield pods
+    finally:
+        await pods.runner.cleanup()
+
+
+def now_iso(offset_s: float = 0.0) -> str:
+    moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=offset_s)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def request(api, method: str, path: str, body=None, content_type="application/merge-patch+json") -> dict:
+    response = await api.request(method, path, data=json.dumps(body) if body is not None else None,
+                                 headers={"Content-Type": content_type})
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+def llmdeployment(mode="active", replicas=1, **autoscaling) -> dict:
+    return {
+        "apiVersion": "tideserve.io/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": NAME},
+        "spec": {
+            "model": {"name": NAME, "source": {"path": "smollm2"}},
+            "engine": {"maxNumSeqs": 256, "maxNumBatchedTokens": 8192},
+            "resources": {"gpus": 0, "cpu": "2", "memory": "4Gi"},
+            "replicas": replicas,
+            "autoscaling": {"mode": mode, "intervalSeconds": 1, "minReplicas": 1, "maxReplicas": 6, "maxStep": 2,
+                            "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 0, **autoscaling},
+            "slo": {"ttft": {"targetMs": 2000}, "tpot": {"targetMs": 50}},
+        },
+    }
+
+
+async def create(api, body: dict) -> dict:
+    await request(api, "POST", BASE, body, content_type="application/json")
+    await eventually(lambda: api.get(*DEPLOYMENT, NS, NAME))
+    return api.get(*LLMD, NS, NAME)
+
+
+async def add_pod(api, name: str, pod: FakePod | None = None, port: int | None = None,
+                  unschedulable: bool = False) -> None:
+    """A worker pod as the ReplicaSet controller, the scheduler and the kubelet would leave it."""
+    port = pod.port if pod else port or free_port()
+    labels = api.get(*DEPLOYMENT, NS, NAME)["spec"]["template"]["metadata"]["labels"]
+    await request(api, "POST", PODS, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels,
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                                     "prometheus.io/path": "/metrics"}},
+        "spec": {"containers": [{"name": "worker", "image": "tideserve-worker:test",
+                                 "ports": [{"name": "http", "containerPort": port},
+                                           {"name": "admin", "containerPort": port}]}]}},
+        content_type="application/json")
+    if unschedulable:
+        status = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                      "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}
+    else:
+        status = {"phase": "Running", "podIP": "127.0.0.1", "startTime": now_iso(-120),
+                  "conditions": [{"type": "PodScheduled", "status": "True"},
+                                 {"type": "Ready", "status": "True", "lastTransitionTime": now_iso()}],
+                  "containerStatuses": [{"name": "worker", "ready": True,
+                                         "state": {"running": {"startedAt": now_iso(-100)}}}]}
+    await request(api, "PATCH", f"{PODS}/{name}/status", {"status": status})
+
+
+def status(api) -> dict:
+    return (api.get(*LLMD, NS, NAME) or {}).get("status", {})
+
+
+def condition(api, ctype: str) -> dict:
+    return next((c for c in status(api).get("conditions", []) if c["type"] == ctype), {})
+
+
+def events(api, reason: str) -> list[dict]:
+    posted = [r.data for r in api.writes() if r.url.path.endswith("/events") and r.method == "POST"]
+    return [e for e in posted if e["reason"] == reason]
+
+
+def spec_writes(api) -> list:
+    """The operator's writes to the LLMDeployment itself (not its status)."""
+    return [r for r in api.writes() if r.url.path == f"{BASE}/{NAME}" and r.method.value == "PATCH"
+            and not r.headers.get("User-Agent", "").startswith("kmock/")]
+
+
+def sample(operator, metric: str, **labels) -> float | None:
+    return operator.memo.autoscaler.metrics.registry.get_sample_value(metric, {"namespace": NS, "name": NAME, **labels})
+
+
+async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every_pod(api, operator, fake_pods):
+    await create(api, llmdeployment())
+    a = await fake_pods.add("chat-a")
+    a.load = 500  # requests per scrape, about one a second: far beyond one replica
+    await add_pod(api, "chat-a", a)
+
+    await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] > 1, timeout=20)
+    first = spec_writes(api)[0]
+    assert first.headers["Content-Type"] == "application/merge-patch+json"
+    assert first.data["spec"] == {"replicas": 3}  # maxStep 2
+    assert first.data["metadata"]["resourceVersion"]  # optimistic concurrency
+    note = json.loads(first.data["metadata"]["annotations"]["tideserve.io/scaling-decision"])
+    assert note["replicas"] == 3 and note["reason"].startswith("scale up 1->3: demand")
+    # The operator's reconcile carries it to the Deployment, with the autoscaler's reason.
+    await eventually(lambda: api.get(*DEPLOYMENT, NS, NAME)["spec"]["replicas"] >= 3)
+    await eventually(lambda: any(e["message"].startswith("spec.replicas 1 -> 3: scale up") for e in events(api, "AutoscaledUp")))
+    await eventually(lambda: any("scaled from 1 to 3: scale up 1->3" in e["message"] for e in events(api, "Scaled")))
+
+    # Batch limits: chosen for the TPOT target, pushed to the pod, recorded where new pods find them.
+    await eventually(lambda: a.puts)
+    limits = await eventually(lambda: status(api).get("autoscaling", {}).get("batchLimits"))
+    assert limits != {"maxNumSeqs": 256, "maxNumBatchedTokens": 8192}
+    await eventually(lambda: a.limits == (status(api)["batchLimits"]["maxNumSeqs"],
+                                          status(api)["batchLimits"]["maxNumBatchedTokens"]))
+    assert status(api)["batchLimits"] == status(api)["autoscaling"]["batchLimits"]
+    assert await eventually(lambda: events(api, "BatchLimitsChanged"))
+    # A pod that becomes ready later starts with the spec's limits and is given the stored ones.
+    b = await fake_pods.add("chat-b")
+    await add_pod(api, "chat-b", b)
+    await eventually(lambda: b.puts and b.limits == (status(api)["batchLimits"]["maxNumSeqs"],
+                                                     status(api)["batchLimits"]["maxNumBatchedTokens"]))
+
+    llmd = api.get(*LLMD, NS, NAME)
+    st = llmd["status"]
+    assert st["autoscaling"]["mode"] == "active" and st["autoscaling"]["lastDecision"]["applied"] is True
+    assert st["autoscaling"]["load"]["requestRate"] > 100 and st["autoscaling"]["load"]["meanInputTokens"] == 500
+    assert 0 < st["metrics"]["ttftP90Ms"] <= 500 and 0 < st["metrics"]["tpotP90Ms"] <= 50
+    assert st["autoscaling"]["slo"]["ttftTargetMs"] == 2000 and st["autoscaling"]["slo"]["attainment"] == 1
+    assert condition(api, "MetricsStale")["status"] == "False" and condition(api, "SLOMet")["status"] == "True"
+    assert {"Ready", "Progressing", "Degraded", "CapacityLimited"} <= {c["type"] for c in st["conditions"]}
+    assert schema_errors(llmd) == []  # every status field the loop writes is in the CRD's schema
+    assert "finalizers" not in llmd["metadata"]
+
+    assert sample(operator, "tideserve_autoscaler_desired_replicas") >= 3
+    assert sample(operator, "tideserve_autoscaler_decisions_total", action="scale-up", reason="Demand") >= 1
+    assert sample(operator, "tideserve_autoscaler_request_rate") > 100
+    await eventually(lambda: sample(operator, "tideserve_autoscaler_batch_limit_pushes_total", result="ok") >= 2)
+    assert requests_as_rbac(api) <= WORKLOAD | CRD_DISCOVERY, requests_as_rbac(api) - (WORKLOAD | CRD_DISCOVERY)
+
+
+async def test_stale_metrics_hold_and_set_metrics_stale(api, operator, fake_pods):
+    await create(api, llmdeployment())
+    a = await fake_pods.add("chat-a")
+    a.broken, a.load = True, 500  # the load would scale up, if it could be read
+    await add_pod(api, "chat-a", a)
+    await add_pod(api, "chat-b", port=free_port())  # nothing listens there
+
+    stale = await eventually(lambda: condition(api, "MetricsStale").get("reason") == "ScrapeFailed"
+                             and condition(api, "MetricsStale"))
+    assert stale["status"] == "True"
+    assert "chat-a: no metrics" in stale["message"] and "chat-b: no metrics" in stale["message"]
+    warning = await eventually(lambda: events(api, "MetricsStale"))
+    assert warning[0]["type"] == "Warning"
+    decision = status(api)["autoscaling"]["lastDecision"]
+    assert (decision["action"], decision["reasonCode"]) == ("hold", "MetricsStale")
+    assert "SLOMet" not in {c["type"] for c in status(api)["conditions"]}  # nothing measured, nothing claimed
+    await asyncio.sleep(2.5)
+    assert api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 1 and not spec_writes(api)
+    assert len(events(api, "MetricsStale")) == 1  # on the change, not every interval
+    assert sample(operator, "tideserve_autoscaler_stale_windows_total") >= 2
+    assert not a.puts  # no batch limits from stale data either
+
+    # Metrics come back (the unreachable pod goes away): fresh again after one window to take deltas from.
+    await request(api, "DELETE", f"{PODS}/chat-b", content_type="application/json")
+    a.broken, a.load = False, 5
+    await eventually(lambda: condition(api, "MetricsStale").get("status") == "False", timeout=15)
+    assert await eventually(lambda: events(api, "MetricsFresh"))
+
+
+async def test_pending_pods_stop_further_scale_up(api, operator, fake_pods):
+    await create(api, llmdeployment(replicas=2))
+    a = await fake_pods.add("chat-a")
+    a.load = 500
+    await add_pod(api, "chat-a", a)
+    await add_pod(api, "chat-b", unschedulable=True)  # the second replica waits for a GPU
+
+    held = await eventually(lambda: status(api).get("autoscaling", {}).get("lastDecision", {}).get("reasonCode")
+                            == "CapacityLimited" and status(api)["autoscaling"])
+    assert held["pendingReplicas"] == 1 and held["desiredReplicas"] == 2
+    assert held["lastDecision"]["reason"].startswith("CapacityLimited: 1 new replica(s) still Pending")
+    await asyncio.sleep(2.5)
+    assert api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 2 and not spec_writes(api)
+
+    # Scheduled and ready: scale-up resumes.
+    await request(api, "DELETE", f"{PODS}/chat-b", content_type="application/json")
+    b = await fake_pods.add("chat-b")
+    await add_pod(api, "chat-b", b)
+    await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] > 2, timeout=15)
+
+
+async def test_scale_down_drains_the_chosen_pods_first(api, operator, fake_pods):
+    await create(api, llmdeployment(replicas=3))
+    for name, running in (("chat-a", 5.0), ("chat-b", 0.0), ("chat-c", 1.0)):
+        pod = await fake_pods.add(name)
+        pod.load, pod.running = 1, running
+        await add_pod(api, name, pod)
+
+    await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 1, timeout=20)
+    costs = {name: (api.get("", "v1", "pods", NS, name)["metadata"].get("annotations") or {}).get(DELETION_COST_ANNOTATION)
+             for name in ("chat-a", "chat-b", "chat-c")}
+    assert costs == {"chat-a": None, "chat-b": "-1000", "chat-c": "-1000"}  # the least busy go
+    writes = [r for r in api.writes() if not r.headers.get("User-Agent", "").startswith("kmock/")]
+    marked = max(i for i, r in enumerate(writes) if r.url.path.startswith(f"{PODS}/chat-") and r.method.value == "PATCH")
+    scaled = next(i for i, r in enumerate(writes) if r.url.path == f"{BASE}/{NAME}" and r.method.value == "PATCH")
+    assert marked < scaled  # drain marks first, then fewer replicas
+    assert await eventually(lambda: any(e["message"].startswith("spec.replicas 3 -> 1: scale down")
+                                        for e in events(api, "AutoscaledDown")))
+
+
+async def test_an_operator_restart_keeps_the_learned_seasonal_profile(api, tmp_path, fake_pods):
+    first = await RunningOperator(write_kubeconfig(tmp_path / "kubeconfig", str(api.url))).start()
+    try:
+        body = llmdeployment(maxReplicas=1, maxStep=1)
+        body["spec"]["seasonality"] = {"enabled": True, "periodSeconds": 3600, "leadTimeSeconds": 60}
+        llmd = await create(api, body)
+        a = await fake_pods.add("chat-a")
+        a.load = 20
+        await add_pod(api, "chat-a", a)
+        loop = await eventually(lambda: first.memo.autoscaler.loops.get((NS, NAME)))
+        await eventually(lambda: loop.policy and sum(loop.policy.forecaster.daily.counts) >= 3, timeout=15)
+    finally:
+        await first.shutdown()  # each loop saves its state as it stops
+
+    configmap = api.get(*CONFIGMAP, NS, "chat-autoscaler-state")
+    assert configmap["metadata"]["ownerReferences"][0]["uid"] == llmd["metadata"]["uid"]  # garbage-collected with it
+    text = configmap["data"]["state.json"]
+    assert len(text) < autoscaler_state.MAX_STATE_BYTES
+    saved = autoscaler_state.loads(text)["forecaster"]["daily"]
+    assert sum(saved["counts"]) >= 3
+
+    second = await RunningOperator(write_kubeconfig(tmp_path / "kubeconfig2", str(api.url)),
+                                   AutoscalerOptions(state_save_interval_s=0.5)).start()
+    try:
+        loop = await eventually(lambda: (l := second.memo.autoscaler.loops.get((NS, NAME))) and l.memory.loaded and l)
+        daily = loop.policy.forecaster.daily
+        learned = [i for i, count in enumerate(saved["counts"]) if count]
+        assert all(daily.counts[i] >= saved["counts"][i] and daily.values[i] is not None for i in learned)
+        # It goes on learning from there, and saves periodically.
+        await eventually(lambda: sum(daily.counts) > sum(saved["counts"]), timeout=15)
+        await eventually(lambda: sum(autoscaler_state.loads(api.get(*CONFIGMAP, NS, "chat-autoscaler-state")["data"]
+                                                            ["state.json"])["forecaster"]["daily"]["counts"])
+                         > sum(saved["counts"]), timeout=15)
+    finally:
+        await second.shutdown()
+    assert requests_as_rbac(api) <= WORKLOAD | CRD_DISCOVERY, requests_as_rbac(api) - (WORKLOAD | CRD_DISCOVERY)
+
+
+async def test_advisory_only_reports_then_off_removes_the_loop_and_deletion_is_not_blocked(api, operator, fake_pods):
+    await create(api, llmdeployment(mode="advisory"))
+    a = await fake_pods.add("chat-a")
+    a.load = 500
+    await add_pod(api, "chat-a", a)
+
+    advice = await eventually(lambda: status(api).get("autoscaling", {}).get("desiredReplicas", 1) > 1
+                              and status(api)["autoscaling"])
+    assert advice["mode"] == "advisory" and advice["lastDecision"]["applied"] is False
+    assert "batchLimits" not in advice and status(api)["batchLimits"] == {"maxNumSeqs": 256, "maxNumBatchedTokens": 8192}
+    assert (await eventually(lambda: events(api, "ScaleRecommended")))[0]["message"].startswith("advisory: 1 -> 3")
+    await asyncio.sleep(1.5)
+    assert api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 1 and not spec_writes(api) and not a.puts
+
+    await request(api, "PATCH", f"{BASE}/{NAME}", {"spec": {"autoscaling": {"mode": "off"}}})
+    await eventually(lambda: "autoscaling" not in status(api))
+    assert not {"SLOMet", "MetricsStale"} & {c["type"] for c in status(api)["conditions"]}
+    await eventually(lambda: (NS, NAME) not in operator.memo.autoscaler.loops
+                     or operator.memo.autoscaler.loops[(NS, NAME)].task.done())
+    assert sample(operator, "tideserve_autoscaler_desired_replicas") is None  # its series are gone too
+
+    await request(api, "PATCH", f"{BASE}/{NAME}", {"spec": {"autoscaling": {"mode": "active"}}})
+    loop = await eventually(lambda: (l := operator.memo.autoscaler.loops.get((NS, NAME))) and not l.task.done() and l)
+    await eventually(lambda: api.get(*CONFIGMAP, NS, "chat-autoscaler-state"))  # saved when the first loop stopped
+    await request(api, "DELETE", f"{BASE}/{NAME}", content_type="application/json")
+    assert api.get(*LLMD, NS, NAME) is None and api.get(*CONFIGMAP, NS, "chat-autoscaler-state") is None
+    await eventually(lambda: loop.task.done())
