@@ -1,0 +1,459 @@
+"""The pure parts of the cluster's autoscaling loop: pods and Prometheus results to snapshots, the collectors
+(over httpx's mock transport), status and events, the persisted state and its size bound, peering, and the
+reconcile/loop status merge."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import random
+
+import httpx
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tideserve.autoscaler.observation import Decision, Observation
+from tideserve.autoscaler.policy import TideservePolicy
+from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator, parse_exposition
+from tideserve.autoscaler.slo import Histogram
+from tideserve.autoscaler.spec import policy_config
+from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, metrics_source as source
+from tideserve.operator import reconcile, status
+from tideserve.operator.autoscaler_loop import peering_allows, replace_patch
+from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
+from tideserve.operator.manifests import OperatorConfig
+from tideserve.operator.resource import defaulted, schema_errors
+from tideserve.worker.metrics import EngineMetrics
+
+NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.timezone.utc)
+T = NOW.timestamp()
+
+
+def llmd(mode="active", kind="tideserve", **autoscaling) -> dict:
+    with open("examples/minimal.yaml") as f:
+        obj = yaml.safe_load(f)
+    obj["metadata"].update(namespace="default", uid="uid-1", generation=2, resourceVersion="7")
+    obj["spec"]["engine"] = {"kind": kind, "maxNumSeqs": 256, "maxNumBatchedTokens": 8192}
+    if kind == "vllm":
+        obj["spec"]["resources"]["gpus"] = 1
+    obj["spec"]["autoscaling"] = {"mode": mode, "intervalSeconds": 15, **autoscaling}
+    obj["spec"]["slo"] = {"ttft": {"targetMs": 2000}, "tpot": {"targetMs": 50}}
+    return defaulted(obj)
+
+
+def iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod(name="p", ready=True, ip="10.0.0.7", created=T - 300, ready_at=T - 10, unschedulable=False, deleting=False,
+        annotations=None, admin_port=8001) -> dict:
+    conditions = []
+    if unschedulable:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable"})
+    conditions.append({"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": iso(ready_at)})
+    meta = {"name": name, "creationTimestamp": iso(created), "annotations": annotations or {}}
+    if deleting:
+        meta["deletionTimestamp"] = iso(T)
+    return {"metadata": meta,
+            "spec": {"containers": [{"name": "worker", "ports": [{"name": "http", "containerPort": 8000},
+                                                                 {"name": "admin", "containerPort": admin_port}]}]},
+            "status": {"podIP": ip, "conditions": conditions, "phase": "Running" if ready else "Pending",
+                       "containerStatuses": [{"name": "worker", "state": {"running": {"startedAt": iso(created + 20)}}}]}}
+
+
+def worker_metrics(requests=50, ttft=0.4, tpot=0.02, limits=(64, 2048)) -> EngineMetrics:
+    m = EngineMetrics("m")
+    for _ in range(requests):
+        m.ttft.observe(ttft)
+        m.tpot.observe(tpot)
+        m.itl.observe(tpot)
+        m.e2e.observe(ttft + 50 * tpot)
+        m.prompt_len.observe(300)
+        m.output_len.observe(50)
+    m.running.set(3)
+    m.max_num_seqs.set(limits[0])
+    m.max_num_batched_tokens.set(limits[1])
+    m.request_finished("stop")
+    return m
+
+
+# --- pods ------------------------------------------------------------------------------------------------------
+
+
+def test_pod_readiness_start_and_pending():
+    assert source.is_ready(pod()) and not source.is_ready(pod(ip="")) and not source.is_ready(pod(deleting=True))
+    assert source.started_at(pod(created=T - 300)) == T - 280  # the worker container's start
+    fresh = pod("new", ready=False, created=T - 60)
+    overdue = pod("slow", ready=False, created=T - 2000)
+    waiting = pod("gpu", ready=False, created=T - 5, unschedulable=True)
+    going = pod("old", ready=False, created=T - 5000, deleting=True)
+    assert source.pending_count([pod(), fresh, overdue, waiting, going], T, expected_startup_s=600) == 2
+    assert source.newest_startup_s([pod("a", created=T - 300, ready_at=T - 100), pod("b", created=T - 90, ready_at=T - 30)],
+                                   since=T - 50) == 60
+    assert source.newest_startup_s([pod("a", ready_at=T - 100)], since=T - 50) is None
+
+
+def test_scrape_and_admin_addresses_come_from_the_pod():
+    assert source.metrics_url(pod()) == "http://10.0.0.7:8000/metrics"  # the operator's pod template
+    custom = pod(ip="fd00::7", annotations={"prometheus.io/port": "9400", "prometheus.io/path": "stats"}, admin_port=9401)
+    assert source.metrics_url(custom) == "http://[fd00::7]:9400/stats"
+    assert source.admin_url(custom) == "http://[fd00::7]:9401/admin/batch-limits"
+
+
+# --- Prometheus ------------------------------------------------------------------------------------------------
+
+
+def as_prometheus_result(text: str, pod_name: str, extra: dict | None = None) -> list[dict]:
+    """What Prometheus answers for one pod's series: every sample with the target's labels added."""
+    result = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.endswith("_created"):
+                continue
+            labels = {"__name__": s.name, **s.labels, "namespace": "ns", "pod": pod_name, **(extra or {})}
+            result.append({"metric": labels, "value": [T, repr(float(s.value)) if math.isfinite(s.value) else "+Inf"]})
+    return result
+
+
+def test_prometheus_results_give_the_same_snapshot_as_a_scrape():
+    text = generate_latest(worker_metrics().registry).decode()
+    result = as_prometheus_result(text, "p1", {"instance": "10.0.0.7:8000"}) + as_prometheus_result(
+        generate_latest(worker_metrics(requests=5, ttft=3.0).registry).decode(), "p2")
+    snapshots = source.snapshots_from_prometheus(result)
+    direct = parse_exposition(text)
+    assert set(snapshots) == {"p1", "p2"}
+    assert snapshots["p1"].histograms == direct.histograms and snapshots["p1"].values == direct.values
+    assert source.reported_limits(snapshots["p1"]) == (64, 2048)
+    assert snapshots["p2"].histograms["vllm:time_to_first_token_seconds"].count == 5
+    # A pod whose histogram lost its +Inf bucket is left out, as an unreadable scrape would be.
+    broken = [r for r in as_prometheus_result(text, "p3") if r["metric"].get("le") != "+Inf"]
+    assert "p3" not in source.snapshots_from_prometheus(broken)
+    times = source.scrape_times_from_prometheus([{"metric": {"pod": "p1"}, "value": [T, "1767268790.5"]},
+                                                 {"metric": {"pod": "p1"}, "value": [T, "1767268791"]}])
+    assert times == {"p1": 1767268791.0}
+
+
+def test_prometheus_queries_select_the_pods_of_one_deployment():
+    series, times = source.prometheus_queries("llm", ["chat-7d9f-abc.x", "chat-7d9f-def"], "kubernetes_namespace",
+                                              "kubernetes_pod_name")
+    assert series == ('{__name__=~"vllm:.+|tideserve_.+",kubernetes_namespace="llm",'
+                      'kubernetes_pod_name=~"chat-7d9f-abc\\\\.x|chat-7d9f-def"}')
+    assert times.startswith("max by (kubernetes_pod_name) (timestamp(vllm:num_requests_running{")
+
+
+@pytest.mark.asyncio
+async def test_collectors_over_http():
+    text = generate_latest(worker_metrics().registry).decode()
+    puts = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "10.0.0.9":
+            raise httpx.ConnectError("connection refused")
+        if request.url.path == "/metrics":
+            return httpx.Response(200 if request.url.host == "10.0.0.7" else 500, text=text)
+        if request.url.path == "/admin/batch-limits":
+            puts.append((request.url.host, json.loads(request.content), request.headers.get("authorization")))
+            return httpx.Response(200, json={})
+        if request.url.path == "/api/v1/query":
+            query = request.url.params["query"]
+            if query.startswith("max by"):
+                return httpx.Response(200, json={"status": "success", "data": {"result": [
+                    {"metric": {"pod": "a"}, "value": [T, str(T - 3)]}]}})
+            return httpx.Response(200, json={"status": "success", "data": {"result": as_prometheus_result(text, "a")}})
+        return httpx.Response(404)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        collected = await source.scrape_pods(client, [pod("a"), pod("b", ip="10.0.0.8"), pod("c", ip="10.0.0.9")], 1.0)
+        assert set(collected.snapshots) == {"a"}
+        assert collected.errors["b"] == "/metrics answered 500" and "ConnectError" in collected.errors["c"]
+        assert await source.put_batch_limits(client, pod("a"), 32, 1024, 1.0, token="t") is None
+        assert puts == [("10.0.0.7", {"max_num_seqs": 32, "max_num_batched_tokens": 1024}, "Bearer t")]
+        assert "ConnectError" in await source.put_batch_limits(client, pod("c", ip="10.0.0.9"), 32, 1024, 1.0)
+        via = await source.query_prometheus(client, "http://prom:9090/", "ns", [pod("a"), pod("b")], 1.0)
+        assert set(via.snapshots) == {"a"} and via.times["a"] == T - 3 and via.errors == {"b": "no series in Prometheus"}
+        assert via.snapshots["a"].histograms == parse_exposition(text).histograms
+        down = await source.query_prometheus(client, "http://10.0.0.9:9090", "ns", [pod("a")], 1.0)
+        assert not down.snapshots and "Prometheus query failed" in down.errors["a"]
+
+
+# --- status and events ------------------------------------------------------------------------------------------
+
+
+def observe(spec: dict, windows=2, **kwargs) -> tuple[Observation, Decision, TideservePolicy]:
+    """A few real windows through the aggregator and the policy."""
+    policy = TideservePolicy(policy_config(spec))
+    aggregator = WindowAggregator()
+    m = EngineMetrics("m")
+    obs = decision = None
+    for i in range(windows):
+        for _ in range(kwargs.get("requests", 100)):
+            m.ttft.observe(kwargs.get("ttft", 0.3))
+            m.tpot.observe(kwargs.get("tpot", 0.02))
+            m.e2e.observe(1.0)
+            m.prompt_len.observe(300)
+            m.output_len.observe(50)
+        snapshot = None if kwargs.get("broken") else parse_exposition(generate_latest(m.registry).decode())
+        obs = aggregator.observe(T + 15 * i, [ReplicaSample("p", T + 15 * i, True, T - 100, snapshot)],
+                                 desired_replicas=1, pending_replicas=0, max_num_seqs=256, max_num_batched_tokens=8192)
+        decision = policy.decide(obs)
+    return obs, decision, policy
+
+
+def test_status_of_a_decision_fits_the_crd_schema():
+    obj = llmd()
+    obs, decision, policy = observe(obj["spec"])
+    limits = {"maxNumSeqs": decision.max_num_seqs, "maxNumBatchedTokens": decision.max_num_batched_tokens}
+    auto = loop_status.autoscaling_status(decision, obs, policy.config, "active", limits, NOW)
+    assert auto["lastDecision"]["reasonCode"] in loop_status.REASON_CODES
+    assert auto["slo"]["ttftTargetMs"] == 2000 and auto["load"]["meanInputTokens"] == 300
+    latency = loop_status.latency_p90(obs, NOW)
+    assert 200 < latency["ttftP90Ms"] <= 500 and latency["tpotP90Ms"] <= 25
+    conditions = loop_status.loop_conditions(decision, obs, policy.config, [], 2, NOW)
+    obj["status"] = {"autoscaling": auto, "metrics": latency, "conditions": conditions, "batchLimits": limits}
+    assert schema_errors(obj) == []
+    # NaN and infinities never reach JSON.
+    decision.details.update(rate=math.nan, demand=math.inf)
+    auto = loop_status.autoscaling_status(decision, obs, policy.config, "active", None, NOW)
+    assert "requestRate" not in auto["load"] and "demand" not in auto["load"]
+
+
+def test_conditions_for_fresh_stale_and_first_windows():
+    spec = llmd()["spec"]
+    obs, decision, policy = observe(spec, windows=1)  # the first window: nothing to compare with yet
+    first = loop_status.loop_conditions(decision, obs, policy.config, [], 1, NOW)
+    assert [(c["type"], c["status"], c["reason"]) for c in first] == [("MetricsStale", "Unknown", "WaitingForBaseline")]
+    assert loop_status.condition_events([], first) == []
+    obs, decision, policy = observe(spec)
+    fresh = loop_status.loop_conditions(decision, obs, policy.config, first, 1, NOW)
+    assert {c["type"]: (c["status"], c["reason"]) for c in fresh} == {"MetricsStale": ("False", "MetricsFresh"),
+                                                                      "SLOMet": ("True", "WithinTarget")}
+    obs, decision, policy = observe(spec, broken=True)
+    stale = loop_status.loop_conditions(decision, obs, policy.config, fresh, 1, NOW)
+    assert [(c["type"], c["status"], c["reason"]) for c in stale] == [("MetricsStale", "True", "ScrapeFailed")]
+    assert [e.reason for e in loop_status.condition_events(fresh, stale)] == ["MetricsStale"]
+    obs, decision, policy = observe(spec, ttft=5.0)
+    missed = loop_status.loop_conditions(decision, obs, policy.config, fresh, 1, NOW)
+    assert {c["type"]: c["status"] for c in missed}["SLOMet"] == "False"
+    assert [e.reason for e in loop_status.condition_events(fresh, missed)] == ["SLOMissed"]
+
+
+def test_merged_conditions_keep_the_other_writers_and_their_order():
+    ready = {"type": "Ready", "status": "True", "reason": "Available", "message": "", "lastTransitionTime": "x"}
+    other = {"type": "Example", "status": "True", "reason": "X", "message": "", "lastTransitionTime": "x"}
+    stale_old = {"type": "MetricsStale", "status": "True", "reason": "ScrapeFailed", "message": "", "lastTransitionTime": "x"}
+    stale_new = {**stale_old, "status": "False", "reason": "MetricsFresh"}
+    slo = {"type": "SLOMet", "status": "True", "reason": "WithinTarget", "message": "", "lastTransitionTime": "x"}
+    merged = loop_status.merge_conditions([ready, stale_old, other], [stale_new, slo])
+    assert merged == [ready, stale_new, other, slo]
+    assert loop_status.without_loop_conditions(merged) == [ready, other]
+    # Reconcile keeps them: they are not its own.
+    obj = llmd()
+    obj["status"] = {"conditions": merged}
+    computed = status.compute_status(obj, None, [], [], None, NOW)["conditions"]
+    assert [c["type"] for c in computed][-3:] == ["MetricsStale", "Example", "SLOMet"]
+
+
+def test_decision_events_only_on_changes():
+    hold = Decision(T, 2, 64, 2048, "hold at 2", "hold")
+    up = Decision(T, 4, 64, 2048, "scale up 2->4: demand", "scale-up", apply=False)
+    assert loop_status.decision_events(hold, "active", 2, False, 2, None, None) == []
+    assert [e.reason for e in loop_status.decision_events(up, "advisory", 2, False, 2, None, None)] == ["ScaleRecommended"]
+    assert loop_status.decision_events(up, "advisory", 2, False, 4, None, None) == []  # said already
+    applied = loop_status.decision_events(Decision(T, 4, 32, 1024, "scale up 2->4: demand", "scale-up"), "active", 2,
+                                          True, 2, {"maxNumSeqs": 64, "maxNumBatchedTokens": 2048},
+                                          {"maxNumSeqs": 32, "maxNumBatchedTokens": 1024})
+    assert [(e.reason, e.message.split(":")[0]) for e in applied] == [
+        ("AutoscaledUp", "spec.replicas 2 -> 4"), ("BatchLimitsChanged", "max_num_seqs 64 -> 32, max_num_batched_tokens 2048 -> 1024")]
+
+
+def test_reason_codes():
+    stale = Decision(T, 1, 1, 1, "MetricsStale: holding", "hold", details={"stale": True})
+    pending = Decision(T, 1, 1, 1, "CapacityLimited: 1 new replica(s) still Pending", "hold", details={})
+    forecast = Decision(T, 3, 1, 1, "scale up", "scale-up", forecast={"seasonal": True, "rate": 9.0},
+                        details={"rate": 4.0, "demand": 9.0})
+    live = Decision(T, 3, 1, 1, "scale up", "scale-up", forecast={"seasonal": True, "rate": 2.0},
+                    details={"rate": 9.0, "demand": 9.0})
+    codes = [loop_status.reason_code(d) for d in (stale, pending, forecast, live)]
+    assert codes == ["MetricsStale", "CapacityLimited", "Forecast", "Demand"]
+    assert loop_status.reason_code(Decision(T, 1, 1, 1, "batch limits", "batch-limit")) == "TPOT"
+
+
+def test_batch_limits_in_status_are_the_autoscalers_only_while_it_runs_them():
+    chosen = {"maxNumSeqs": 48, "maxNumBatchedTokens": 1024}
+    for mode, kind, expected in (("active", "tideserve", chosen), ("advisory", "tideserve", None), ("active", "vllm", None)):
+        obj = llmd(mode=mode, kind=kind)
+        obj["status"] = {"autoscaling": {"batchLimits": chosen}}
+        assert status.batch_limits(obj) == (expected or {"maxNumSeqs": 256, "maxNumBatchedTokens": 8192})
+        assert status.compute_status(obj, None, [], [], None, NOW)["batchLimits"] == status.batch_limits(obj)
+    obj = llmd()
+    obj["status"] = {"autoscaling": {"batchLimits": {"maxNumSeqs": 999, "maxNumBatchedTokens": 100}}}
+    assert status.batch_limits(obj) == {"maxNumSeqs": 256, "maxNumBatchedTokens": 256}  # never above the spec's ceiling
+
+
+def test_replace_patch_removes_what_is_gone():
+    current = {"mode": "active", "slo": {"ttftMs": 1.0, "tpotMs": 2.0}, "batchLimits": {"maxNumSeqs": 3}}
+    assert replace_patch(current, {"mode": "advisory", "slo": {"ttftMs": 1.0}}) == {
+        "mode": "advisory", "slo": {"tpotMs": None}, "batchLimits": None}
+    assert replace_patch(None, {"mode": "active"}) == {"mode": "active"}
+
+
+def test_peering_rule_is_kopfs():
+    now = NOW
+    alive = {"priority": 0, "lifetime": 60, "lastseen": iso(T - 10)}
+    assert peering_allows({"me": alive}, "me", 0, now)
+    assert not peering_allows({"me": alive, "other": alive}, "me", 0, now)  # same priority: kopf pauses both
+    assert peering_allows({"other": alive}, "me", 10, now)
+    assert not peering_allows({"other": {**alive, "priority": 20}}, "me", 10, now)
+    assert peering_allows({"other": {**alive, "priority": 20, "lastseen": iso(T - 100)}}, "me", 10, now)  # dead
+
+
+def test_own_metrics_per_deployment_and_forgotten_with_it():
+    metrics = AutoscalerMetrics()
+    obs, decision, _ = observe(llmd()["spec"])
+    metrics.record("ns", "a", decision, obs, scrape_errors=1)
+    metrics.record("ns", "b", decision, obs, scrape_errors=0)
+    metrics.pushed("ns", "a", 2, 1)
+    get = metrics.registry.get_sample_value
+    assert get("tideserve_autoscaler_desired_replicas", {"namespace": "ns", "name": "a"}) == decision.replicas
+    assert get("tideserve_autoscaler_scrape_errors_total", {"namespace": "ns", "name": "a"}) == 1
+    assert get("tideserve_autoscaler_batch_limit_pushes_total", {"namespace": "ns", "name": "a", "result": "error"}) == 1
+    assert get("tideserve_autoscaler_decisions_total", {"namespace": "ns", "name": "a", "action": decision.action,
+                                                         "reason": loop_status.reason_code(decision)}) == 1
+    metrics.forget("ns", "a")
+    assert get("tideserve_autoscaler_desired_replicas", {"namespace": "ns", "name": "a"}) is None
+    assert get("tideserve_autoscaler_desired_replicas", {"namespace": "ns", "name": "b"}) == decision.replicas
+
+
+# --- persisted state ---------------------------------------------------------------------------------------------
+
+
+def filled_state(spec: dict, windows: int, interval_s: float) -> tuple[TideservePolicy, dict]:
+    """The largest state a policy can hold: every profile slot learned, one error-budget window per interval
+    over the whole season."""
+    policy = TideservePolicy(policy_config(spec))
+    state = policy.state_dict()
+    rng = random.Random(1)
+    for key in autoscaler_state.PROFILES:
+        profile = state["forecaster"][key]
+        profile["values"] = [rng.uniform(0.1, 5000.0) for _ in profile["values"]]
+        profile["counts"] = [rng.randint(1, 10**6) for _ in profile["counts"]]
+    start = T - windows * interval_s
+    budget = []
+    for i in range(windows):
+        total = float(rng.randint(0, 5000))
+        budget.append([start + i * interval_s, total, total * rng.uniform(0.9, 1.0)])
+    state["budget"]["windows"] = budget
+    return policy, state
+
+
+def test_state_stays_bounded_and_keeps_what_matters():
+    obj = llmd(intervalSeconds=5)
+    obj["spec"]["seasonality"] = {"enabled": True, "periodSeconds": 604800, "leadTimeSeconds": 600}
+    policy, state = filled_state(obj["spec"], windows=604800 // 5, interval_s=5)  # a week at 5 s: 120 960 windows
+    assert len(json.dumps(state)) > 2 * 2**20  # what it would be without compaction
+    text = autoscaler_state.dumps(state)
+    assert len(text.encode()) < autoscaler_state.MAX_STATE_BYTES  # a ConfigMap holds 1 MiB
+    saved = autoscaler_state.loads(text)
+    windows = saved["budget"]["windows"]
+    assert len(windows) <= autoscaler_state.BUDGET_BUCKETS + autoscaler_state.RECENT_WINDOWS
+    assert windows[-8:] == state["budget"]["windows"][-8:]  # the burn rate reads these
+    total = sum(w[1] for w in state["budget"]["windows"])
+    good = sum(w[2] for w in state["budget"]["windows"])
+    assert sum(w[1] for w in windows) == pytest.approx(total) and sum(w[2] for w in windows) == pytest.approx(good)
+    assert autoscaler_state.restore(policy, saved) == []
+    assert policy.budget.attainment == pytest.approx(good / total)
+    original = state["forecaster"]["weekly"]["values"]
+    restored = policy.forecaster.weekly.values
+    assert all(abs(a - b) <= 1e-5 * a for a, b in zip(original, restored))
+
+
+def test_restore_keeps_what_fits_a_changed_spec():
+    spec = llmd()["spec"]
+    _, _, learned = observe(spec, windows=6)
+    saved = autoscaler_state.loads(autoscaler_state.dumps(learned.state_dict()))
+    assert sum(saved["forecaster"]["daily"]["counts"]) == 5
+    # Same settings: everything back.
+    same = TideservePolicy(policy_config(spec))
+    assert autoscaler_state.restore(same, saved) == []
+    assert same.forecaster.daily.counts == learned.forecaster.daily.counts and same.headroom == learned.headroom
+    # A new season period, a new attainment goal and a lower batch-limit ceiling.
+    changed = copy.deepcopy(spec)
+    changed["seasonality"]["periodSeconds"] = 3600
+    changed["slo"]["targetAttainment"] = 0.99
+    changed["engine"]["maxNumSeqs"] = 32
+    policy = TideservePolicy(policy_config(changed))
+    assert autoscaler_state.restore(policy, saved) == ["seasonal profiles (season period or slot changed)"]
+    assert sum(policy.forecaster.daily.counts) == 0
+    assert policy.budget.target == 0.99 and len(policy.budget.windows) == len(learned.budget.windows)
+    assert policy.model.params.max_num_seqs == 32
+    # Garbage is refused by loads(); a policy is never half-loaded.
+    with pytest.raises(ValueError):
+        autoscaler_state.loads('{"format": 99}')
+    broken = copy.deepcopy(saved)
+    broken["model"] = {"params": {}}
+    fresh = TideservePolicy(policy_config(spec))
+    assert autoscaler_state.restore(fresh, broken)[0].startswith("everything")
+
+
+def test_state_configmap_is_owned_by_its_llmdeployment():
+    cm = autoscaler_state.state_configmap(llmd(), "{}")
+    assert cm["metadata"]["name"] == "smollm2-autoscaler-state" and cm["data"] == {"state.json": "{}"}
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+# --- reconcile and the loop writing status at the same time ------------------------------------------------------
+
+
+class ConflictingKube:
+    """Serves one LLMDeployment and its Deployment; the first status patch meets a write of the loop (409)."""
+
+    def __init__(self, obj: dict, deployment: dict):
+        self.obj, self.deployment, self.conflicts, self.patches = obj, deployment, 1, []
+
+    def get(self, path):
+        if "/llmdeployments/" in path:
+            return copy.deepcopy(self.obj)
+        return copy.deepcopy(self.deployment) if "/deployments/" in path else None
+
+    def list(self, path, selector):
+        return []
+
+    def create(self, path, body):
+        return {**body, "metadata": {**body["metadata"], "uid": "c", "resourceVersion": "1"}}
+
+    def merge_patch(self, path, patch):
+        self.patches.append((path, patch))
+        if path.endswith("/status"):
+            if self.conflicts:
+                self.conflicts -= 1
+                self.obj["metadata"]["resourceVersion"] = "8"  # the loop wrote SLOMet meanwhile
+                self.obj["status"]["conditions"].append({"type": "SLOMet", "status": "True", "reason": "WithinTarget",
+                                                         "message": "", "lastTransitionTime": "x"})
+                raise ApiException(status=409, reason="Conflict")
+            self.obj["status"] = {**self.obj["status"], **patch["status"]}
+            return self.obj
+        self.deployment = {**self.deployment, "spec": {**self.deployment["spec"], **patch.get("spec", {})}}
+        return self.deployment
+
+
+def test_a_reconcile_that_meets_the_loops_status_write_keeps_its_events_and_decision():
+    from tideserve.operator import manifests
+
+    obj = llmd()
+    obj["spec"]["replicas"] = 3
+    obj["status"] = {"conditions": []}
+    dep = manifests.build_deployment(obj, OperatorConfig())
+    dep["spec"]["replicas"] = 1
+    dep["metadata"].update(uid="d", resourceVersion="3", generation=1)
+    kube = ConflictingKube(obj, dep)
+    events = reconcile.reconcile(kube, OperatorConfig(), "default", "smollm2", NOW)
+    assert [e.reason for e in events if e.reason == "Scaled"] == ["Scaled"]
+    status_patches = [p for path, p in kube.patches if path.endswith("/status")]
+    assert len(status_patches) == 2 and status_patches[1]["metadata"]["resourceVersion"] == "8"
+    assert kube.obj["status"]["lastScalingDecision"]["to"] == 3
+    assert "SLOMet" in {c["type"] for c in kube.obj["status"]["conditions"]}  # the loop's condition stays
