@@ -18,7 +18,7 @@ from typing import Any
 
 from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.policy import PolicyConfig
-from tideserve.operator.status import condition, timestamp
+from tideserve.operator.status import changed_conditions, condition, timestamp
 
 SLO_MET, METRICS_STALE = "SLOMet", "MetricsStale"
 LOOP_CONDITIONS = (SLO_MET, METRICS_STALE)
@@ -173,12 +173,8 @@ def without_loop_conditions(existing: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def condition_events(previous: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[LoopEvent]:
-    before = {c["type"]: c for c in previous}
     events = []
-    for cond in current:
-        old = before.get(cond["type"], {})
-        if old.get("status") == cond["status"] and old.get("reason") == cond["reason"]:
-            continue
+    for old, cond in changed_conditions(previous, current):
         if cond["type"] == METRICS_STALE and cond["status"] == "True":
             # No ready replica (a rollout, a fresh deployment) is told by reconcile's Ready/NotReady events.
             if cond["reason"] != "NoReadyReplica":

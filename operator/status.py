@@ -199,14 +199,18 @@ def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, 
     return {key: value for key, value in desired.items() if current.get(key) != value}
 
 
+def changed_conditions(old_conditions: list[dict[str, Any]], new_conditions: list[dict[str, Any]]
+                       ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(before, after) for each new condition whose status or reason differs from before ({} if it is new)."""
+    old = {c["type"]: c for c in old_conditions}
+    return [(old.get(c["type"], {}), c) for c in new_conditions
+            if (old.get(c["type"], {}).get("status"), old.get(c["type"], {}).get("reason")) != (c["status"], c["reason"])]
+
+
 def condition_events(old_conditions: list[dict[str, Any]], new_conditions: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(type, reason, message) Kubernetes events for condition changes worth telling in `kubectl describe`."""
-    old = {c["type"]: c for c in old_conditions}
     events = []
-    for cond in new_conditions:
-        before = old.get(cond["type"], {})
-        if before.get("status") == cond["status"] and before.get("reason") == cond["reason"]:
-            continue
+    for before, cond in changed_conditions(old_conditions, new_conditions):
         ctype, true = cond["type"], cond["status"] == "True"
         if ctype == READY and true:
             events.append(("Normal", "Ready", cond["message"]))
