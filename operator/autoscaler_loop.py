@@ -271,6 +271,9 @@ class DeploymentLoop:
         if act and runs_limits:
             chosen = {"maxNumSeqs": decision.max_num_seqs, "maxNumBatchedTokens": decision.max_num_batched_tokens}
             await self._push_limits(ready, collected, chosen)
+        elif not runs_limits and spec["engine"]["kind"] == "tideserve" and \
+                llmd.get("status", {}).get("autoscaling", {}).get("batchLimits"):
+            await self._push_limits(ready, collected, current)  # active -> advisory: the spec's limits are back
         if act and decision.replicas != spec["replicas"]:
             llmd, scaled = await self._scale(llmd, decision, pods)
         llmd = await self._write_status(llmd, decision, obs, mode, chosen if runs_limits else None, _utc(now))
@@ -419,21 +422,17 @@ class DeploymentLoop:
     async def release(self, llmd: dict[str, Any]) -> None:
         """Autoscaling turned off: the pods get the spec's batch limits back, the loop's status goes."""
         limits = llmd.get("status", {}).get("autoscaling", {}).get("batchLimits")
-        spec_limits = initial_batch_limits(llmd["spec"])
-        if limits and (limits.get("maxNumSeqs"), limits.get("maxNumBatchedTokens")) != spec_limits \
-                and llmd["spec"]["engine"]["kind"] == "tideserve":
+        spec = dict(zip(("maxNumSeqs", "maxNumBatchedTokens"), initial_batch_limits(llmd["spec"])))
+        if limits and limits != spec and llmd["spec"]["engine"]["kind"] == "tideserve":
             pods = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods",
                                            label_selector(self.name))
-            client = await self.autoscaler.http()
-            await asyncio.gather(*(source.put_batch_limits(client, p, *spec_limits, self.autoscaler.options.scrape_timeout_s)
-                                   for p in pods if source.is_ready(p)))
+            await self._push_limits([p for p in pods if source.is_ready(p)], source.Collected({}, {}, {}), spec)
 
         def build(current: dict[str, Any]) -> dict[str, Any]:
             status = current.get("status", {})
             patch: dict[str, Any] = {}
             if "autoscaling" in status:
                 patch["autoscaling"] = None
-            spec = {"maxNumSeqs": spec_limits[0], "maxNumBatchedTokens": spec_limits[1]}
             if status.get("batchLimits") != spec:
                 patch["batchLimits"] = spec
             conditions = loop_status.without_loop_conditions(status.get("conditions", []))

@@ -237,6 +237,13 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
     assert sample(operator, "tideserve_autoscaler_decisions_total", action="scale-up", reason="Demand") >= 1
     assert sample(operator, "tideserve_autoscaler_request_rate") > 100
     await eventually(lambda: sample(operator, "tideserve_autoscaler_batch_limit_pushes_total", result="ok") >= 2)
+
+    # Autoscaling off: the pods get the spec's limits back and the loop's status goes.
+    await request(api, "PATCH", f"{BASE}/{NAME}", {"spec": {"autoscaling": {"mode": "off"}}})
+    await eventually(lambda: a.limits == b.limits == (256, 8192))
+    await eventually(lambda: "autoscaling" not in status(api)
+                     and status(api)["batchLimits"] == {"maxNumSeqs": 256, "maxNumBatchedTokens": 8192})
+    assert not {"SLOMet", "MetricsStale"} & {c["type"] for c in status(api)["conditions"]}
     assert requests_as_rbac(api) <= WORKLOAD | CRD_DISCOVERY, requests_as_rbac(api) - (WORKLOAD | CRD_DISCOVERY)
 
 
