@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "serve": ("tideserve.worker.server", "Run a worker: the continuous-batching engine behind an OpenAI-compatible API."),
     "bench": ("tideserve.bench.loadgen", "Load-test any OpenAI-compatible endpoint (Poisson rate or trace replay)."),
     "models": ("tideserve.worker.builtin_models", "Write the built-in models (tiny, smollm2) to local directories."),
+    "up": ("tideserve.local.up", "Run an LLMDeployment YAML on this machine: worker processes, a proxy, the autoscaler."),
+    "demo": ("tideserve.local.demo", "Run the demo model locally under a compressed real trace, autoscaled live; ends with a PNG."),
     "operator": ("tideserve.operator.main", "Run the Kubernetes operator that turns LLMDeployments into worker Deployments."),
     "simulate": ("tideserve.sim.cli", "Replay a trace against the Tideserve autoscaler and the baselines."),
     "trace": ("tideserve.sim.convert", "Convert Azure 2023 or ServeGen data into a canonical per-request CSV."),

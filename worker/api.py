@@ -421,6 +421,7 @@ def create_admin_app(engine: AsyncEngine, state: ServerState) -> FastAPI:
             "num_requests_running": len(scheduler.running),
             "num_requests_waiting": len(scheduler.waiting),
             "kv_cache_usage": round(core.block_manager.usage, 4),
+            "kv_cache_tokens": len(core.block_manager.blocks) * core.block_manager.block_size,
             "draining": state.draining,
         }
 

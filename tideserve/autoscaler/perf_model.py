@@ -56,6 +56,27 @@ H100_8B = StepTimeParams(
 )
 
 
+def fit_step_params(points: list[tuple[float, float, float, float]], kv_capacity_tokens: int,
+                    max_num_seqs: int, max_num_batched_tokens: int) -> StepTimeParams:
+    """A bootstrap profile measured on the real worker: least squares over windows of
+    (mean step s, decode sequences, context tokens, prefill tokens), with every cost kept non-negative (a cost
+    the windows cannot separate from the others is set to zero and the rest refit)."""
+    if len(points) < 2:
+        raise ValueError("need at least two step-time windows to fit a profile")
+    y = np.array([p[0] for p in points])
+    x = np.array([[1.0, p[1], p[2], p[3]] for p in points])
+    active = list(range(4))
+    while True:
+        theta = np.zeros(4)
+        theta[active] = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+        negative = [i for i in active if theta[i] < 0]
+        if not negative:
+            break
+        active.remove(min(negative, key=lambda i: theta[i]))
+    return StepTimeParams(max(float(theta[0]), 1e-5), float(theta[1]), float(theta[2]), float(theta[3]),
+                          kv_capacity_tokens, max_num_batched_tokens, max_num_seqs)
+
+
 @dataclass(frozen=True)
 class QueryMix:
     mean_input: float
@@ -77,8 +98,9 @@ class BatchLimits:
     max_num_batched_tokens: int
 
 
-# Candidate per-step token budgets (prefill chunk sizes) the policy chooses from.
-TOKEN_BUDGETS = (256, 512, 1024, 2048, 4096, 8192)
+# Candidate per-step token budgets (prefill chunk sizes) the policy chooses from; the small ones are for slow
+# replicas (CPUs), where one 256-token chunk alone outlasts a TPOT target.
+TOKEN_BUDGETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)

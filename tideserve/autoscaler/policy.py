@@ -37,6 +37,9 @@ from tideserve.autoscaler.slo import ErrorBudget, PercentileSLO
 
 DEFAULT_MIX = QueryMix(512, 128)  # before the first request has finished
 BURST_FACTOR = 4.0
+TAIL_SAMPLES = 20
+MIN_TAIL_SAMPLES = 5
+TAIL_POOL_WINDOWS = 4
 
 
 @dataclass
@@ -94,6 +97,7 @@ class TideservePolicy:
         self._rates: deque[float] = deque(maxlen=8)
         self._smoothed_rate: float | None = None
         self._smoothed_pressure = 0.0
+        self._tail_windows: deque[tuple] = deque(maxlen=TAIL_POOL_WINDOWS)
         self._last_in_flight = 0.0
         self._started: float | None = None
         self._last_scale_down = -math.inf
@@ -168,12 +172,27 @@ class TideservePolicy:
         if tpot_hist is not None and tpot_hist.count:
             state["tpot_p"] = c.tpot.observed(tpot_hist)
         # Pressure: the planning-quantile tail over its target, from windows with enough samples to read it.
-        pressures = [hist.quantile(self.quantile) / slo.target_s for hist, slo in ((obs.ttft, c.ttft), (tpot_hist, c.tpot))
-                     if hist is not None and hist.count >= 20]
+        # A tail read from few requests is noise: a quiet or short window is pooled with the windows before it
+        # (up to TAIL_POOL_WINDOWS of them) until TAIL_SAMPLES requests are behind the quantile; a pool that
+        # stays below MIN_TAIL_SAMPLES is not read at all.
+        self._tail_windows.append((obs.ttft, tpot_hist))
+        pressures = []
+        for index, slo in ((0, c.ttft), (1, c.tpot)):
+            pooled = None
+            for window in reversed(self._tail_windows):
+                hist = window[index]
+                if hist is not None and hist.count:
+                    pooled = hist if pooled is None or pooled.edges != hist.edges else pooled.plus(hist)
+                if pooled is not None and pooled.count >= TAIL_SAMPLES:
+                    break
+            if pooled is not None and pooled.count >= MIN_TAIL_SAMPLES:
+                pressures.append(pooled.quantile(self.quantile) / slo.target_s)
+        decay = 0.5 ** (obs.window_s / 30.0)  # one window's tail is noisy: smooth over about a minute
         if pressures:
             state["pressure"] = max(pressures)
-            decay = 0.5 ** (obs.window_s / 30.0)  # one window's tail is noisy: smooth over about a minute
             self._smoothed_pressure = decay * self._smoothed_pressure + (1 - decay) * state["pressure"]
+        elif not obs.requests_finished and not obs.running and not obs.waiting:
+            self._smoothed_pressure *= decay  # nothing in flight: no request is waiting on latency
         state["smoothed_pressure"] = self._smoothed_pressure
         n = obs.ttft.count if obs.ttft is not None else 0.0
         if n > 0:

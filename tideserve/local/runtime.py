@@ -1,0 +1,310 @@
+"""`tideserve up`: one LLMDeployment on this machine. Worker processes stand in for pods, a least-outstanding
+proxy for the Service, and the autoscaling loop is the cluster's: the same metric windows
+(tideserve.autoscaler.scrape), the same policy, the same spec mapping. Only the actuators differ: starting and
+draining processes instead of patching spec.replicas, and admin calls to local ports instead of pod IPs.
+
+Before the first decision the runtime measures a bootstrap performance profile on the first replica (a few
+seconds of calibration requests at growing batch sizes, read back from the worker's own step-time metrics),
+since the default profile describes an 8B model on an H100, not this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import uvicorn
+
+from tideserve.autoscaler.observation import Decision
+from tideserve.autoscaler.perf_model import StepTimeParams, fit_step_params
+from tideserve.autoscaler.policy import TideservePolicy
+from tideserve.autoscaler.scrape import (STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS, MetricsParseError,
+                                         ReplicaSample, WindowAggregator, parse_exposition)
+from tideserve.autoscaler.spec import initial_batch_limits, policy_config
+from tideserve.bench.loadgen import make_prompt
+from tideserve.local import deployment
+from tideserve.local.proxy import Proxy
+from tideserve.local.replicas import WorkerProcess
+
+log = logging.getLogger("tideserve.local")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape drowns the view
+
+# Calibration rounds: (concurrent requests, prompt tokens, output tokens). Decodes of one and of many sequences
+# separate the per-step and per-sequence costs; prompts answered with one token are nearly pure prefill steps;
+# long prompts decoded for a while add the cost of context.
+CALIBRATION_ROUNDS = ((1, 16, 32), (8, 16, 32), (4, 384, 1), (6, 384, 24))
+
+
+class LocalRuntimeError(RuntimeError):
+    """The local deployment cannot go on (a worker that never becomes ready, a port in use)."""
+
+
+@dataclasses.dataclass
+class TimelinePoint:
+    time: float
+    desired: int
+    ready: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    ttft_p: float | None
+    tpot_p: float | None
+    attainment: float | None
+    waiting: float
+    running: float
+    rate: float | None
+    action: str
+    reason: str
+    stale: bool
+    details: dict = dataclasses.field(default_factory=dict)
+
+
+class LocalRuntime:
+    def __init__(self, llmd: dict[str, Any], port: int = 8000, host: str = "127.0.0.1",
+                 log_dir: str | Path | None = None, calibrate: bool = True,
+                 on_decision: Callable[[Decision, TimelinePoint], None] | None = None):
+        self.llmd = llmd
+        self.spec = llmd["spec"]
+        self.name = llmd["metadata"]["name"]
+        self.host, self.port = host, port
+        self.config = policy_config(self.spec)
+        self.policy = TideservePolicy(self.config)
+        self.enabled = self.spec["autoscaling"]["mode"] != "off"
+        self.limits = initial_batch_limits(self.spec)
+        self.desired = max(self.config.min_replicas if self.enabled else 1, self.spec["replicas"])
+        if self.enabled:
+            self.desired = min(self.desired, self.config.max_replicas)
+        self.threads = deployment.cpu_threads(self.spec)
+        self.drain_timeout_s = float(self.spec["engine"]["drainTimeoutSeconds"])
+        self.startup_timeout_s = float(self.spec["engine"]["startupTimeoutSeconds"])
+        self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="tideserve-up-")
+        self.log_dir = Path(log_dir or self._tmp.name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.calibrate = calibrate
+        self.on_decision = on_decision
+        self.replicas: list[WorkerProcess] = []
+        self.retired: list[tuple[str, int | None]] = []  # (name, exit code) of drained replicas
+        self.timeline: list[TimelinePoint] = []
+        self.decisions: list[Decision] = []
+        self.profile: StepTimeParams | None = None
+        self.aggregator = WindowAggregator(max_sample_age_s=3 * self.config.interval_s)
+        self.proxy = Proxy(lambda: self.replicas)
+        self.client = httpx.AsyncClient(timeout=5.0)
+        self._serial = 0
+        self._drains: set[asyncio.Task] = set()
+        self._last_startup: float | None = None
+        self._server: uvicorn.Server | None = None
+        self.started = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then drain every replica."""
+        self._server = uvicorn.Server(uvicorn.Config(self.proxy, host=self.host, port=self.port,
+                                                     log_level="warning", lifespan="on"))
+        self._server.install_signal_handlers = lambda: None  # the caller owns signals
+        server_task = asyncio.ensure_future(self._server.serve())
+        try:
+            await self._scale_to(self.desired, [])
+            await self._wait_first_ready(stop)
+            if self.calibrate and self.enabled:
+                await self._calibrate(self._routable()[0])
+            self.started.set()
+            await self._control_loop(stop)
+        finally:
+            await self.shutdown()
+            self._server.should_exit = True
+            await server_task
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self._drain(r) for r in self.replicas if not r.draining), *self._drains,
+                             return_exceptions=True)
+        await self.client.aclose()
+
+    async def _wait_first_ready(self, stop: asyncio.Event) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self._routable():
+            await self._check_replicas()
+            if stop.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise LocalRuntimeError(f"no replica became ready within {self.startup_timeout_s:.0f} s "
+                                    f"(engine.startupTimeoutSeconds); logs in {self.log_dir}")
+            await asyncio.sleep(0.25)
+
+    def _routable(self) -> list[WorkerProcess]:
+        return [r for r in self.replicas if r.routable]
+
+    async def _check_replicas(self) -> None:
+        """Readiness of starting replicas; a replica that died or never got ready is replaced."""
+        for r in list(self.replicas):
+            if r.draining:
+                continue
+            was_ready = r.ready_at is not None
+            if await r.check_ready(self.client) and not was_ready:
+                self._last_startup = r.ready_at - r.created_at
+                log.info("%s ready after %.1f s", r.name, self._last_startup)
+            if r.exited:
+                log.error("%s exited with code %s; last log lines:\n%s", r.name, r.process.returncode, r.log_tail())
+                self.replicas.remove(r)
+                self.retired.append((r.name, r.process.returncode))
+            elif r.ready_at is None and time.time() - r.created_at > self.startup_timeout_s:
+                log.error("%s not ready after %.0f s; replacing it", r.name, self.startup_timeout_s)
+                self.replicas.remove(r)
+                self._start_drain(r)
+        missing = self.desired - len([r for r in self.replicas if not r.draining])
+        for _ in range(max(0, missing)):
+            await self._start_replica()
+
+    # --- actuators -------------------------------------------------------------------------------------
+
+    async def _start_replica(self) -> None:
+        self._serial += 1
+        replica = WorkerProcess(f"{self.name}-{self._serial}", self.log_dir)
+        args = deployment.worker_args(self.llmd, replica.port, replica.admin_port, *self.limits)
+        await replica.start(args, self.threads)
+        replica.limits_pushed = self.limits
+        self.replicas.append(replica)
+        log.info("started %s (port %d, admin %d)", replica.name, replica.port, replica.admin_port)
+
+    async def _scale_to(self, target: int, drain_first: list[str]) -> None:
+        live = [r for r in self.replicas if not r.draining]
+        for _ in range(target - len(live)):
+            await self._start_replica()
+        excess = len(live) - target
+        if excess > 0:
+            chosen = set(drain_first)
+            # Replicas still starting go first, then the policy's choice, then the least loaded.
+            order = sorted(live, key=lambda r: (r.ready, r.name not in chosen, r.outstanding))
+            for r in order[:excess]:
+                self._start_drain(r)
+        self.desired = target
+
+    def _start_drain(self, replica: WorkerProcess) -> None:
+        replica.draining = True  # the proxy stops sending it requests at once
+        task = asyncio.ensure_future(self._drain(replica))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, replica: WorkerProcess) -> None:
+        code = await replica.drain(self.drain_timeout_s)
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+        self.retired.append((replica.name, code))
+        log.info("%s drained (exit code %s)", replica.name, code)
+
+    async def _push_limits(self) -> None:
+        """Every ready replica gets the current batch limits (new ones started with them already)."""
+        body = {"max_num_seqs": self.limits[0], "max_num_batched_tokens": self.limits[1]}
+        for r in self._routable():
+            if r.limits_pushed == self.limits:
+                continue
+            try:
+                response = await self.client.put(f"{r.admin_url}/admin/batch-limits", json=body)
+                response.raise_for_status()
+                r.limits_pushed = self.limits
+            except httpx.HTTPError as exc:
+                log.warning("%s: batch limits not applied (%s); retrying next interval", r.name, exc)
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    async def _sample(self, replica: WorkerProcess, now: float) -> ReplicaSample:
+        metrics = None
+        if replica.ready:
+            try:
+                response = await self.client.get(f"{replica.url}/metrics")
+                response.raise_for_status()
+                metrics = parse_exposition(response.text)
+            except (httpx.HTTPError, MetricsParseError) as exc:
+                log.warning("%s: metrics unavailable (%s)", replica.name, exc)
+        return ReplicaSample(replica.name, now, replica.ready, replica.created_at, metrics)
+
+    async def _control_loop(self, stop: asyncio.Event) -> None:
+        next_at = time.monotonic()
+        while not stop.is_set():
+            next_at += self.config.interval_s
+            while time.monotonic() < next_at and not stop.is_set():
+                await self._check_replicas()
+                await self._push_limits()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=min(1.0, max(0.0, next_at - time.monotonic())))
+            if not stop.is_set():
+                await self.control_once()
+
+    async def control_once(self) -> Decision:
+        now = time.time()
+        live = [r for r in self.replicas if not r.draining]
+        samples = await asyncio.gather(*(self._sample(r, now) for r in live))
+        startup = 2 * self.policy.startup_s
+        pending = sum(1 for r in live if not r.ready and now - r.created_at > startup)
+        obs = self.aggregator.observe(now, list(samples), desired_replicas=self.desired, pending_replicas=pending,
+                                      max_num_seqs=self.limits[0], max_num_batched_tokens=self.limits[1],
+                                      replica_startup_s=self._last_startup)
+        self._last_startup = None
+        decision = self.policy.decide(obs)
+        details = decision.details
+        point = TimelinePoint(now, self.desired, obs.ready_replicas, *self.limits, details.get("ttft_p"),
+                              details.get("tpot_p"), details.get("window_attainment"), obs.waiting, obs.running,
+                              details.get("rate"), decision.action, decision.reason, obs.stale,
+                              {k: v for k, v in details.items() if isinstance(v, (int, float, str, type(None)))})
+        self.timeline.append(point)
+        self.decisions.append(decision)
+        if decision.action != "hold" or obs.stale:
+            log.info("%s: %s", decision.action, decision.reason)
+        if self.enabled and decision.apply:
+            self.limits = (decision.max_num_seqs, decision.max_num_batched_tokens)
+            if decision.replicas != self.desired:
+                await self._scale_to(decision.replicas, decision.drain)
+            await self._push_limits()
+        if self.on_decision:
+            self.on_decision(decision, point)
+        return decision
+
+    # --- bootstrap profile -----------------------------------------------------------------------------
+
+    async def _calibrate(self, replica: WorkerProcess) -> None:
+        """Fit the step-time model on this machine: rounds of concurrent requests straight to one replica,
+        each read back as a window of the worker's step statistics."""
+        info = (await self.client.get(f"{replica.admin_url}/admin/batch-limits")).json()
+        points = []
+        model = self.spec["model"]["name"]
+        rng = random.Random(0)
+        for batch, prompt_tokens, output_tokens in CALIBRATION_ROUNDS:
+            before = await self._step_totals(replica)
+            await asyncio.gather(*(self.client.post(
+                f"{replica.url}/v1/completions", timeout=120.0,
+                json={"model": model, "prompt": make_prompt(prompt_tokens, rng),
+                      "max_tokens": output_tokens, "ignore_eos": True}) for _ in range(batch)))
+            after = await self._step_totals(replica)
+            steps = after[0] - before[0]
+            if steps <= 0:
+                continue
+            seqs = (after[2] - before[2]) / steps
+            tokens = (after[3] - before[3]) / steps
+            # As the policy reads step windows: each sequence computes one token a step, the rest is prefill.
+            context = seqs * (prompt_tokens + output_tokens / 2)
+            points.append(((after[1] - before[1]) / steps, seqs, context, max(0.0, tokens - seqs)))
+        self.profile = fit_step_params(points, int(info.get("kv_cache_tokens", 10**6)),
+                                       self.config.bootstrap.max_num_seqs, self.config.bootstrap.max_num_batched_tokens)
+        self.config = dataclasses.replace(self.config, bootstrap=self.profile)
+        self.policy = TideservePolicy(self.config)
+        log.info("bootstrap profile: step = %.1f ms + %.2f ms/seq + %.3f us/context token + %.1f us/prefill token",
+                 self.profile.base_s * 1e3, self.profile.per_seq_s * 1e3, self.profile.per_context_token_s * 1e6,
+                 self.profile.per_prefill_token_s * 1e6)
+
+    async def _step_totals(self, replica: WorkerProcess) -> tuple[float, float, float, float]:
+        response = await self.client.get(f"{replica.url}/metrics")
+        snapshot = parse_exposition(response.text)
+        step, seqs, tokens = (snapshot.histograms[n] for n in (STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS))
+        return step.count, step.total, seqs.total, tokens.total
