@@ -24,6 +24,7 @@ from kube_fixtures import RunningOperator, api, eventually, operator, requests_a
 from test_chart import CRD_DISCOVERY, WORKLOAD
 from tideserve.operator import autoscaler_state
 from tideserve.operator.autoscaler_loop import AutoscalerOptions, DELETION_COST_ANNOTATION
+from tideserve.operator.manifests import object_labels
 from tideserve.operator.resource import schema_errors
 from tideserve.worker.metrics import EngineMetrics
 
@@ -145,7 +146,7 @@ async def add_pod(api, name: str, pod: FakePod | None = None, port: int | None =
                   unschedulable: bool = False) -> None:
     """A worker pod as the ReplicaSet controller, the scheduler and the kubelet would leave it."""
     port = pod.port if pod else port or free_port()
-    labels = api.get(*DEPLOYMENT, NS, NAME)["spec"]["template"]["metadata"]["labels"]
+    labels = object_labels(NAME)  # the pod template's labels
     await request(api, "POST", PODS, {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels,
@@ -191,10 +192,10 @@ def sample(operator, metric: str, **labels) -> float | None:
 
 
 async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every_pod(api, operator, fake_pods):
-    await create(api, llmdeployment())
     a = await fake_pods.add("chat-a")
     a.load = 500  # requests per scrape, about one a second: far beyond one replica
     await add_pod(api, "chat-a", a)
+    await create(api, llmdeployment(maxReplicas=3))  # one step up to the most: no race with a second one
 
     await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] > 1, timeout=20)
     first = spec_writes(api)[0]
@@ -248,11 +249,11 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
 
 
 async def test_stale_metrics_hold_and_set_metrics_stale(api, operator, fake_pods):
-    await create(api, llmdeployment())
     a = await fake_pods.add("chat-a")
     a.broken, a.load = True, 500  # the load would scale up, if it could be read
     await add_pod(api, "chat-a", a)
     await add_pod(api, "chat-b", port=free_port())  # nothing listens there
+    await create(api, llmdeployment())
 
     stale = await eventually(lambda: "chat-b: no metrics" in condition(api, "MetricsStale").get("message", "")
                              and condition(api, "MetricsStale"))
@@ -277,11 +278,11 @@ async def test_stale_metrics_hold_and_set_metrics_stale(api, operator, fake_pods
 
 
 async def test_pending_pods_stop_further_scale_up(api, operator, fake_pods):
-    await create(api, llmdeployment(replicas=2))
     a = await fake_pods.add("chat-a")
     a.load = 500
     await add_pod(api, "chat-a", a)
     await add_pod(api, "chat-b", unschedulable=True)  # the second replica waits for a GPU
+    await create(api, llmdeployment(replicas=2))
 
     held = await eventually(lambda: status(api).get("autoscaling", {}).get("lastDecision", {}).get("reasonCode")
                             == "CapacityLimited" and status(api)["autoscaling"])
@@ -298,11 +299,11 @@ async def test_pending_pods_stop_further_scale_up(api, operator, fake_pods):
 
 
 async def test_scale_down_drains_the_chosen_pods_first(api, operator, fake_pods):
-    await create(api, llmdeployment(replicas=3))
     for name, running in (("chat-a", 5.0), ("chat-b", 0.0), ("chat-c", 1.0)):
         pod = await fake_pods.add(name)
         pod.load, pod.running = 1, running
         await add_pod(api, name, pod)
+    await create(api, llmdeployment(replicas=3))
 
     await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 1, timeout=20)
     costs = {name: (api.get("", "v1", "pods", NS, name)["metadata"].get("annotations") or {}).get(DELETION_COST_ANNOTATION)
@@ -321,10 +322,10 @@ async def test_an_operator_restart_keeps_the_learned_seasonal_profile(api, tmp_p
     try:
         body = llmdeployment(maxReplicas=1, maxStep=1)
         body["spec"]["seasonality"] = {"enabled": True, "periodSeconds": 3600, "leadTimeSeconds": 60}
-        llmd = await create(api, body)
         a = await fake_pods.add("chat-a")
         a.load = 20
         await add_pod(api, "chat-a", a)
+        llmd = await create(api, body)
         loop = await eventually(lambda: first.memo.autoscaler.loops.get((NS, NAME)))
         await eventually(lambda: loop.policy and sum(loop.policy.forecaster.daily.counts) >= 3, timeout=15)
     finally:
@@ -355,10 +356,10 @@ async def test_an_operator_restart_keeps_the_learned_seasonal_profile(api, tmp_p
 
 
 async def test_advisory_only_reports_then_off_removes_the_loop_and_deletion_is_not_blocked(api, operator, fake_pods):
-    await create(api, llmdeployment(mode="advisory"))
     a = await fake_pods.add("chat-a")
     a.load = 500
     await add_pod(api, "chat-a", a)
+    await create(api, llmdeployment(mode="advisory"))
 
     advice = await eventually(lambda: status(api).get("autoscaling", {}).get("desiredReplicas", 1) > 1
                               and status(api)["autoscaling"])
