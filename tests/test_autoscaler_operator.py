@@ -457,3 +457,14 @@ def test_a_reconcile_that_meets_the_loops_status_write_keeps_its_events_and_deci
     assert len(status_patches) == 2 and status_patches[1]["metadata"]["resourceVersion"] == "8"
     assert kube.obj["status"]["lastScalingDecision"]["to"] == 3
     assert "SLOMet" in {c["type"] for c in kube.obj["status"]["conditions"]}  # the loop's condition stays
+
+
+def test_the_operator_with_its_autoscaler_never_imports_torch():
+    """The operator image has no torch: the loop uses the policy and the metrics parser, never the worker."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tideserve.operator.handlers, tideserve.operator.main; "
+            "print(any(m in sys.modules for m in ('torch', 'transformers')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd="/").stdout.strip() == "False"
