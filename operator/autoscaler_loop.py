@@ -270,10 +270,11 @@ class DeploymentLoop:
         act = mode == "active" and decision.apply and not obs.stale
         if act and runs_limits:
             chosen = {"maxNumSeqs": decision.max_num_seqs, "maxNumBatchedTokens": decision.max_num_batched_tokens}
-            await self._push_limits(ready, collected, chosen)
-        elif not runs_limits and spec["engine"]["kind"] == "tideserve" and \
-                llmd.get("status", {}).get("autoscaling", {}).get("batchLimits"):
-            await self._push_limits(ready, collected, current)  # active -> advisory: the spec's limits are back
+        if runs_limits or (spec["engine"]["kind"] == "tideserve"
+                           and llmd.get("status", {}).get("autoscaling", {}).get("batchLimits")):
+            # The limits the pods should run (after active -> advisory: the spec's again), to every pod that
+            # reports others (a new pod), and to all ready pods when they change now.
+            await self._push_limits(ready, collected, chosen, everyone=chosen != current)
         if act and decision.replicas != spec["replicas"]:
             llmd, scaled = await self._scale(llmd, decision, pods)
         llmd = await self._write_status(llmd, decision, obs, mode, chosen if runs_limits else None, _utc(now))
@@ -308,10 +309,16 @@ class DeploymentLoop:
     # --- actuation ------------------------------------------------------------------------------------------
 
     async def _push_limits(self, ready: list[dict[str, Any]], collected: source.Collected,
-                           limits: dict[str, int]) -> None:
-        """PUT the limits to every ready pod that does not report running them already."""
+                           limits: dict[str, int], everyone: bool = False) -> None:
+        """PUT the limits to every ready pod that reports running others; with `everyone`, also to the pods
+        whose metrics could not be read."""
         want = (limits["maxNumSeqs"], limits["maxNumBatchedTokens"])
-        targets = [p for p in ready if source.reported_limits(collected.snapshots.get(p["metadata"]["name"])) != want]
+
+        def needs(pod: dict[str, Any]) -> bool:
+            snapshot = collected.snapshots.get(pod["metadata"]["name"])
+            return source.reported_limits(snapshot) != want if snapshot is not None else everyone
+
+        targets = [p for p in ready if needs(p)]
         if not targets:
             return
         client = await self.autoscaler.http()
@@ -426,7 +433,8 @@ class DeploymentLoop:
         if limits and limits != spec and llmd["spec"]["engine"]["kind"] == "tideserve":
             pods = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods",
                                            label_selector(self.name))
-            await self._push_limits([p for p in pods if source.is_ready(p)], source.Collected({}, {}, {}), spec)
+            await self._push_limits([p for p in pods if source.is_ready(p)], source.Collected({}, {}, {}), spec,
+                                    everyone=True)
 
         def build(current: dict[str, Any]) -> dict[str, Any]:
             status = current.get("status", {})
