@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import time
 
 import aiohttp.web
 import pytest
 import pytest_asyncio
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from kube_fixtures import RunningOperator, api, eventually, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
@@ -74,13 +76,17 @@ class FakePods:
         app = aiohttp.web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_put("/admin/batch-limits", self._limits)
+        app.router.add_get("/api/v1/query", self._prometheus)
         self.runner = aiohttp.web.AppRunner(app)
+        self.prometheus_queries: list[str] = []
+        self.direct_scrapes = 0
 
     def _pod(self, request) -> FakePod:
         return self.pods[request.transport.get_extra_info("sockname")[1]]
 
     async def _metrics(self, request):
         pod = self._pod(request)
+        self.direct_scrapes += 1
         if pod.broken:
             return aiohttp.web.Response(status=500, text="engine exploded")
         return aiohttp.web.Response(body=pod.scrape(), content_type="text/plain")
@@ -91,6 +97,26 @@ class FakePods:
         pod.puts.append(body)
         pod.limits = (body["max_num_seqs"], body["max_num_batched_tokens"])
         return aiohttp.web.json_response(body)
+
+    async def _prometheus(self, request):
+        """A Prometheus that scraped every fake pod just now: each series with namespace and pod labels."""
+        query = request.query["query"]
+        self.prometheus_queries.append(query)
+        result = []
+        for pod in self.pods.values():
+            if query.startswith("max by"):
+                result.append({"metric": {"pod": pod.name}, "value": [time.time(), str(time.time())]})
+                continue
+            for family in text_string_to_metric_families(pod.scrape().decode()):
+                for sample in family.samples:
+                    labels = {"__name__": sample.name, **sample.labels, "namespace": NS, "pod": pod.name, "job": "pods"}
+                    result.append({"metric": labels, "value": [time.time(), str(sample.value)]})
+        return aiohttp.web.json_response({"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    async def start_prometheus(self) -> str:
+        port = free_port()
+        await aiohttp.web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
 
     async def add(self, name: str, **kwargs) -> FakePod:
         pod = FakePod(name, **kwargs)
@@ -246,6 +272,25 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
                      and status(api)["batchLimits"] == {"maxNumSeqs": 256, "maxNumBatchedTokens": 8192})
     assert not {"SLOMet", "MetricsStale"} & {c["type"] for c in status(api)["conditions"]}
     assert requests_as_rbac(api) <= WORKLOAD | CRD_DISCOVERY, requests_as_rbac(api) - (WORKLOAD | CRD_DISCOVERY)
+
+
+async def test_metrics_through_prometheus_drive_the_same_decisions(api, tmp_path, fake_pods):
+    url = await fake_pods.start_prometheus()
+    running = await RunningOperator(write_kubeconfig(tmp_path / "kubeconfig", str(api.url)),
+                                    AutoscalerOptions(prometheus_url=url)).start()
+    try:
+        a = await fake_pods.add("chat-a")
+        a.load = 500
+        await add_pod(api, "chat-a", a)
+        await create(api, llmdeployment(maxReplicas=3))
+        await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 3, timeout=20)
+        assert spec_writes(api)[0].data["spec"] == {"replicas": 3}
+        assert '{__name__=~"vllm:.+|tideserve_.+",namespace="default",pod=~"chat-a"}' in fake_pods.prometheus_queries
+        await eventually(lambda: condition(api, "MetricsStale").get("status") == "False")
+        assert status(api)["autoscaling"]["load"]["requestRate"] > 100
+        assert fake_pods.direct_scrapes == 0 and a.puts  # metrics from Prometheus; limits still to the pod
+    finally:
+        await running.shutdown()
 
 
 async def test_stale_metrics_hold_and_set_metrics_stale(api, operator, fake_pods):
