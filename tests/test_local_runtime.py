@@ -66,7 +66,8 @@ async def _closed_loop(llmd, tmp_path):
     assert result.summary.completed == len(step) + len(trickle)
     assert max(p.desired for p in timeline) == 2, "the load step did not scale the deployment up"
     up = next(i for i, p in enumerate(timeline) if p.desired == 2)
-    assert any(p.desired == 1 for p in timeline[up:]), "the deployment did not scale back down"
+    assert any(p.desired == 1 for p in timeline[up:]), ("the deployment did not scale back down: "
+                                                        f"{[(p.action, p.details) for p in timeline[up:]]}")
     limit_changes = [d for d in runtime.decisions if d.action == "batch-limit"
                      or (d.max_num_seqs, d.max_num_batched_tokens) != (32, 512)]
     assert limit_changes, "the batch limits never changed"
@@ -88,7 +89,8 @@ def test_up_refuses_a_deployment_it_cannot_run(tmp_path):
                                ("bad", bad_field, "spec.autoscaling.maxReplicas")):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(obj))
-        run = subprocess.run([sys.executable, "-c", "from tideserve.cli import main; main()", "up", str(path)],
+        run = subprocess.run([sys.executable, "-c", "import sys; from tideserve.cli import main; sys.exit(main())", "up",
+                              str(path)],
                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert run.returncode == 2 and message in run.stderr, run.stderr
 

@@ -187,7 +187,7 @@ class TideservePolicy:
                     break
             if pooled is not None and pooled.count >= MIN_TAIL_SAMPLES:
                 pressures.append(pooled.quantile(self.quantile) / slo.target_s)
-        decay = 0.5 ** (obs.window_s / 30.0)  # one window's tail is noisy: smooth over about a minute
+        decay = 0.5 ** (obs.window_s / (2 * c.interval_s))  # one window's tail is noisy: a half-life of two
         if pressures:
             state["pressure"] = max(pressures)
             self._smoothed_pressure = decay * self._smoothed_pressure + (1 - decay) * state["pressure"]
@@ -236,7 +236,7 @@ class TideservePolicy:
         """The rate to plan for now: the upper envelope of the last few windows (arrivals are bursty at the
         scale of a window), never below a smoothed rate, plus what it takes to clear the waiting queue."""
         self._rates.append(rate)
-        decay = 0.5 ** (obs.window_s / 45.0)
+        decay = 0.5 ** (obs.window_s / (3 * self.config.interval_s))  # a half-life of three windows
         self._smoothed_rate = rate if self._smoothed_rate is None else decay * self._smoothed_rate + (1 - decay) * rate
         recent = sorted(self._rates)
         upper = recent[int(0.75 * (len(recent) - 1) + 0.5)]

@@ -253,13 +253,6 @@ class LocalRuntime:
                                       replica_startup_s=self._last_startup)
         self._last_startup = None
         decision = self.policy.decide(obs)
-        details = decision.details
-        point = TimelinePoint(now, self.desired, obs.ready_replicas, *self.limits, details.get("ttft_p"),
-                              details.get("tpot_p"), details.get("window_attainment"), obs.waiting, obs.running,
-                              details.get("rate"), decision.action, decision.reason, obs.stale,
-                              {k: v for k, v in details.items() if isinstance(v, (int, float, str, type(None)))})
-        self.timeline.append(point)
-        self.decisions.append(decision)
         if decision.action != "hold" or obs.stale:
             log.info("%s: %s", decision.action, decision.reason)
         if self.enabled and decision.apply:
@@ -267,6 +260,14 @@ class LocalRuntime:
             if decision.replicas != self.desired:
                 await self._scale_to(decision.replicas, decision.drain)
             await self._push_limits()
+        details = decision.details
+        # The point shows the state the decision left: replicas and limits as set, latency as observed.
+        point = TimelinePoint(now, self.desired, obs.ready_replicas, *self.limits, details.get("ttft_p"),
+                              details.get("tpot_p"), details.get("window_attainment"), obs.waiting, obs.running,
+                              details.get("rate"), decision.action, decision.reason, obs.stale,
+                              {k: v for k, v in details.items() if isinstance(v, (int, float, str, type(None)))})
+        self.timeline.append(point)
+        self.decisions.append(decision)
         if self.on_decision:
             self.on_decision(decision, point)
         return decision
