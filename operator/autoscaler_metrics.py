@@ -18,6 +18,7 @@ LABELS = ("namespace", "name")
 class AutoscalerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
+        self._series: dict[tuple[str, str], set] = {}  # the label sets in use, to remove them
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(f"tideserve_autoscaler_{name}", doc, LABELS, registry=r)
@@ -43,7 +44,6 @@ class AutoscalerMetrics:
                                      LABELS, registry=r)
         self.scrape_errors = Counter("tideserve_autoscaler_scrape_errors", "Pods whose metrics could not be read.",
                                      LABELS, registry=r)
-        self._series: dict[tuple[str, str], set] = {}  # the label sets in use, to remove them
         self.batch_limit_pushes = Counter("tideserve_autoscaler_batch_limit_pushes",
                                           "Batch-limit PUTs to worker admin endpoints, by result.",
                                           (*LABELS, "result"), registry=r)
