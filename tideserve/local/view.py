@@ -36,6 +36,7 @@ class LiveView:
         self.lines: list[str] = []
         self.start: float | None = None
         self.status = ""
+        self.last_reason = ""
         self._header_printed = False
 
     def update(self, point: TimelinePoint) -> None:
@@ -60,9 +61,9 @@ class LiveView:
         width = shutil.get_terminal_size((120, 30)).columns
         out = ["\x1b[H\x1b[2J" + self.title, HEADER, *self.lines[-self.rows:]]
         if reason:
-            self._reason = reason
+            self.last_reason = reason
         out.append("")
-        out.append(("last: " + getattr(self, "_reason", ""))[:width])
+        out.append(("last: " + self.last_reason)[:width])
         out.append(self.status[:width])
         print("\n".join(out), file=self.stream, flush=True)
 
