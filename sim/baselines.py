@@ -189,3 +189,39 @@ class KubeAIPolicy:
         else:
             self.lower_since = None
         return _hold(obs, desired, f"kubeai active avg {average:.1f} / {self.target:.0f}")
+
+
+class HindsightPolicy:
+    """Not a deployable policy but a bound on what replica scaling can save: it reads the trace's future.
+    Every interval it asks for the replicas that the busiest minute of arrivals starting now, one interval
+    ahead, one start-up ahead or one start-up and an interval ahead needs at `rate_per_replica` (so a replica
+    asked for now is ready when its load arrives), and releases them as soon as that minute has passed. The
+    simulator searches the per-replica rate and the token budget for the cheapest run that meets the goal;
+    a causal policy, which must guess the next start-up time's arrivals, cannot do better by much."""
+
+    name = "hindsight"
+    interval_s = 15.0
+
+    def __init__(self, arrivals, rate_per_replica: float, startup_s: float, window_s: float = 60.0,
+                 min_replicas: int = 1, max_replicas: int = 64):
+        import numpy as np
+
+        seconds = np.bincount(np.maximum(0, arrivals - arrivals[0]).astype(int))
+        self._cumulative = np.concatenate([[0], np.cumsum(seconds)])
+        self._start = float(arrivals[0])
+        self.rate_per_replica, self.startup_s, self.window_s = rate_per_replica, startup_s, window_s
+        self.min, self.max = min_replicas, max_replicas
+
+    def window_rate(self, start_s: float) -> float:
+        """Arrivals per second in the minute (window) that starts at start_s; a window cut short by the end
+        of the trace is averaged over what remains of it."""
+        last = len(self._cumulative) - 1
+        lo = min(last - 1, max(0, int(start_s - self._start)))
+        hi = min(last, lo + int(self.window_s))
+        return (self._cumulative[hi] - self._cumulative[lo]) / (hi - lo)
+
+    def decide(self, obs: Observation) -> Decision:
+        leads = (0.0, self.interval_s, self.startup_s, self.startup_s + self.interval_s)
+        busiest = max(self.window_rate(obs.time + lead) for lead in leads)
+        desired = max(self.min, min(self.max, math.ceil(busiest / self.rate_per_replica)))
+        return _hold(obs, desired, f"hindsight {busiest:.1f} req/s at {self.rate_per_replica:.2f} per replica")

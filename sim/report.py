@@ -8,6 +8,8 @@ import numpy as np
 
 from tideserve.sim.simulator import SimResult
 
+BOUNDS = ("hindsight",)  # rows that read the trace's future: bounds to compare with, never baselines
+
 
 def summarize(result: SimResult, ttft_s: float, tpot_s: float, percentile: float = 90.0,
               window_s: float = 300.0) -> dict:
@@ -55,7 +57,7 @@ def compare(summaries: list[dict], reference: str = "tideserve", attainment_goal
            "reference_meets_goal": ours["request_attainment"] >= attainment_goal}
     if "static-peak" in by_name:
         out["gpu_hours_vs_static_peak"] = ours["gpu_hours"] / by_name["static-peak"]["gpu_hours"]
-    peers = [s for s in summaries if s["policy"] != reference
+    peers = [s for s in summaries if s["policy"] not in (reference, *BOUNDS)
              and s["request_attainment"] >= min(ours["request_attainment"], attainment_goal)]
     if peers:
         cheapest = min(peers, key=lambda s: s["gpu_hours"])
