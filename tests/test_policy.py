@@ -104,6 +104,25 @@ def test_load_scales_up_from_token_load_not_request_count():
     assert heavy.replicas > light.replicas  # same requests/s, six times the prefill
 
 
+def test_long_outputs_still_running_count_in_the_mix():
+    # A cold start: the requests that finished first are the short ones (50 tokens), but the engines generate
+    # 40 req/s x 199 tokens per second, which is what the mean output really is.
+    p = policy()
+    steps, seqs = 15.0 / 0.03 * 4, 120.0  # 4 replicas, a 30 ms step, 120 decoding sequences each
+    for t in np.arange(15.0, 200.0, 15.0):
+        obs = window(t, finished=600, mean_out=50, running=100.0)
+        obs.steps, obs.step_s, obs.step_seqs, obs.step_tokens = steps, 0.03, seqs, seqs + 100
+        decision = p.decide(obs)
+    assert decision.details["mix"][1] == pytest.approx(1 + steps * seqs / 15.0 / 40.0, rel=0.05)
+    # In steady state the throughput agrees with what finished; it never lowers the finished requests' mean.
+    p = policy()
+    for t in np.arange(15.0, 200.0, 15.0):
+        obs = window(t, finished=600, mean_out=200, running=100.0)
+        obs.steps, obs.step_s, obs.step_seqs, obs.step_tokens = 1000.0, 0.015, 10.0, 110.0
+        decision = p.decide(obs)
+    assert decision.details["mix"][1] == pytest.approx(200, rel=0.05)
+
+
 def test_scale_up_is_bounded_by_max_step_and_max_replicas():
     p = policy(max_step_up=2, max_replicas=5)
     d = p.decide(window(15, replicas=1, finished=15 * 60))

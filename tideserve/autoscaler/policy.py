@@ -226,18 +226,27 @@ class TideservePolicy:
         return QueryMix(max(1.0, p.mean), max(1.0, g.mean))
 
     def _load(self, obs: Observation) -> tuple[float, QueryMix | None]:
-        """Arrivals in the window: finished requests plus the growth of what is in flight."""
+        """Arrivals in the window (finished requests plus the growth of what is in flight), smoothed with a
+        half-life of three windows, and the window's query mix."""
         in_flight = obs.running + obs.waiting
         growth = in_flight - self._last_in_flight
         self._last_in_flight = in_flight
-        return max(0.0, obs.requests_finished + growth) / obs.window_s, self._window_mix(obs)
+        rate = max(0.0, obs.requests_finished + growth) / obs.window_s
+        self._rates.append(rate)
+        decay = 0.5 ** (obs.window_s / (3 * self.config.interval_s))
+        self._smoothed_rate = rate if self._smoothed_rate is None else decay * self._smoothed_rate + (1 - decay) * rate
+        mix = self._window_mix(obs)
+        if mix is not None and obs.steps and obs.step_seqs and self._smoothed_rate > 0:
+            # Finished requests under-represent long outputs while the running set is not in steady state (a
+            # cold start, a shift to longer outputs): those finish last, minutes later. The decode throughput
+            # does not: in steady state, tokens generated per second = arrivals x (mean output - 1).
+            generated = obs.steps * obs.step_seqs / obs.window_s
+            mix = QueryMix(mix.mean_input, max(mix.mean_output, 1 + generated / self._smoothed_rate))
+        return rate, mix
 
     def _live_demand(self, obs: Observation, rate: float) -> float:
         """The rate to plan for now: the upper envelope of the last few windows (arrivals are bursty at the
-        scale of a window), never below a smoothed rate, plus what it takes to clear the waiting queue."""
-        self._rates.append(rate)
-        decay = 0.5 ** (obs.window_s / (3 * self.config.interval_s))  # a half-life of three windows
-        self._smoothed_rate = rate if self._smoothed_rate is None else decay * self._smoothed_rate + (1 - decay) * rate
+        scale of a window), never below the smoothed rate, plus what it takes to clear the waiting queue."""
         recent = sorted(self._rates)
         upper = recent[int(0.75 * (len(recent) - 1) + 0.5)]
         return max(self._smoothed_rate, upper) + obs.waiting / self.config.backlog_clear_s
@@ -269,7 +278,7 @@ class TideservePolicy:
         c = self.config
         if obs.ready_replicas < obs.desired_replicas or slo["pressure"] is None:
             return
-        factor = min(1.03, max(0.9, (c.pressure_setpoint / max(slo["pressure"], 1e-3)) ** 0.25))
+        factor = min(1.03, max(0.95, (c.pressure_setpoint / max(slo["pressure"], 1e-3)) ** 0.25))
         near_plan = rate / max(obs.ready_replicas, 1) >= 0.85 * capacity_rate * self.headroom
         if factor < 1 or near_plan:
             self.headroom *= factor
