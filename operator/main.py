@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import socket
+import time
 import uuid
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
@@ -26,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peering", metavar="NAME",
                         help="coordinate with other operator replicas through this kopf peering object "
                              "(required to exist); without it the operator runs standalone")
-    parser.add_argument("--priority", type=int, default=0, help="peering priority; the highest one acts, others pause")
+    parser.add_argument("--priority", type=peering_priority, default=0,
+                        help="peering priority: an integer (the highest one acts, others pause; replicas that share "
+                             "the highest all pause), or 'oldest': the replica that started first acts")
     parser.add_argument("--liveness-endpoint", default=DEFAULT_LIVENESS, help="health endpoint URL to serve ('' to disable)")
     parser.add_argument("--worker-image", default=defaults.tideserve_image, help="image for engine.kind tideserve")
     parser.add_argument("--vllm-image", default=defaults.vllm_image, help="image for engine.kind vllm")
@@ -49,6 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="seconds between saves of what each deployment's policy learned to its "
                                  "ConfigMap NAME-autoscaler-state (also saved when its loop stops)")
     parser.add_argument("--log-level", default="info")
+
+
+def peering_priority(value: str, now: float | None = None) -> int:
+    """--priority: an integer, or 'oldest': a priority that falls with this process's start time (milliseconds,
+    with three random digits below them against a tie), so the replica that started first acts and the others
+    stand by. kopf freezes every operator that shares the top priority, so replicas of one Deployment cannot all
+    run with the same number; and with 'oldest' a restarted or added replica never takes over from the one at
+    work. Fits a JSON number exactly (below 2**53) until the year 2255."""
+    if value == "oldest":
+        started_ms = int((time.time() if now is None else now) * 1000)
+        return -(started_ms * 1000 + random.randrange(1000))
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'oldest', got {value!r}") from None
 
 
 def operator_identity() -> str:

@@ -312,6 +312,23 @@ def test_peering_rule_is_kopfs():
     assert peering_allows({"other": {**alive, "priority": 20, "lastseen": iso(T - 100)}}, "me", 10, now)  # dead
 
 
+def test_oldest_priority_lets_the_first_replica_act_and_the_next_oldest_take_over():
+    import argparse
+
+    from tideserve.operator.main import peering_priority
+
+    first, second, third = (peering_priority("oldest", now=T - age) for age in (3600.0, 60.0, 60.0))
+    assert first > second and first > third and second != third  # same millisecond: the random digits differ
+    alive = {"lifetime": 60, "lastseen": iso(T - 10)}
+    peers = {"a": {**alive, "priority": first}, "b": {**alive, "priority": second}, "c": {**alive, "priority": third}}
+    assert [n for n, p in (("a", first), ("b", second), ("c", third)) if peering_allows(peers, n, p, NOW)] == ["a"]
+    peers["a"]["lastseen"] = iso(T - 100)  # the first one is gone: exactly one of the others acts
+    assert sum(peering_allows(peers, n, p, NOW) for n, p in (("b", second), ("c", third))) == 1
+    assert peering_priority("-7") == -7
+    with pytest.raises(argparse.ArgumentTypeError, match="integer or 'oldest'"):
+        peering_priority("newest")
+
+
 def test_own_metrics_per_deployment_and_forgotten_with_it():
     metrics = AutoscalerMetrics()
     obs, decision, _ = observe(llmd()["spec"])

@@ -96,7 +96,7 @@ def test_namespaced_rbac_with_peering():
         ("KopfPeering", "llm"), ("KopfPeering", "team-a")}
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert {"--namespace=llm", "--namespace=team-a", "--peering=tideserve"} <= set(container["args"])
+    assert {"--namespace=llm", "--namespace=team-a", "--peering=tideserve", "--priority=oldest"} <= set(container["args"])
     assert deployment["spec"]["replicas"] == 2
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
