@@ -22,6 +22,7 @@ has a priority at least as high as this operator's (kopf's own rule, read from t
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import logging
@@ -37,7 +38,7 @@ from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
 from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator
 from tideserve.autoscaler.spec import autoscaling_mode, initial_batch_limits, policy_config
-from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, metrics_source as source
+from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, manifests, metrics_source as source
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
 from tideserve.operator.manifests import SCALING_DECISION_ANNOTATION, is_owned_by, label_selector
 from tideserve.operator.reconcile import llmdeployment_path
@@ -161,6 +162,7 @@ class DeploymentLoop:
         self.gone = False
         self.task: asyncio.Task | None = None
         self.ticks = 0
+        self._admin_token: str | None = None
 
     @property
     def kube(self):
@@ -322,12 +324,35 @@ class DeploymentLoop:
         if not targets:
             return
         client = await self.autoscaler.http()
-        results = await asyncio.gather(*(source.put_batch_limits(client, pod, *want, self.autoscaler.options.scrape_timeout_s)
-                                         for pod in targets))
+        timeout_s = self.autoscaler.options.scrape_timeout_s
+
+        async def push(pods: list[dict[str, Any]], refresh: bool) -> list[str | None]:
+            token = await self._read_admin_token(refresh)
+            return await asyncio.gather(*(source.put_batch_limits(client, pod, *want, timeout_s, token) for pod in pods))
+
+        results = await push(targets, refresh=self._admin_token is None)
+        refused = [i for i, error in enumerate(results) if error == source.UNAUTHORIZED]
+        if refused:  # the Secret was replaced since it was read: read it again, once
+            for i, error in zip(refused, await push([targets[i] for i in refused], refresh=True)):
+                results[i] = error
         failed = [(pod["metadata"]["name"], error) for pod, error in zip(targets, results) if error]
         for pod, error in failed:
             log.warning("%s/%s: batch limits not applied to pod %s: %s", self.namespace, self.name, pod, error)
         self.autoscaler.metrics.pushed(self.namespace, self.name, len(targets) - len(failed), len(failed))
+
+    async def _read_admin_token(self, refresh: bool) -> str | None:
+        """The workers' admin bearer token from the Secret NAME-admin that reconcile keeps (cached)."""
+        if refresh:
+            path = f"/api/v1/namespaces/{self.namespace}/secrets/{manifests.admin_secret_name(self.name)}"
+            try:
+                secret = await asyncio.to_thread(self.kube.get, path)
+            except ApiException as exc:
+                log.warning("%s/%s: cannot read the admin token: %s %s", self.namespace, self.name, exc.status,
+                            exc.reason)
+                return self._admin_token
+            encoded = ((secret or {}).get("data") or {}).get(manifests.ADMIN_TOKEN_KEY)
+            self._admin_token = base64.b64decode(encoded).decode() if encoded else None
+        return self._admin_token
 
     async def _mark_drain(self, pods: list[dict[str, Any]], drain: list[str]) -> None:
         """Lowest deletion cost on the pods chosen to go; marks from earlier decisions are taken back."""

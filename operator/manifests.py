@@ -1,4 +1,4 @@
-"""Desired state: the Deployment, Service and PodDisruptionBudget one LLMDeployment stands for.
+"""Desired state: the Deployment, Service, PodDisruptionBudget and admin-token Secret one LLMDeployment stands for.
 
 Pure functions of a defaulted LLMDeployment (resource.defaulted) and the operator's settings; no I/O.
 Manifests never contain None: a field the operator stops setting is removed by the three-way patch in
@@ -21,6 +21,8 @@ CONTAINER_NAME = "worker"
 MODEL_MOUNT = "/models"
 MODEL_DIR = "/models/model"
 API_KEYS_MOUNT = "/var/run/secrets/tideserve"
+ADMIN_TOKEN_MOUNT = "/var/run/secrets/tideserve-admin"
+ADMIN_TOKEN_KEY = "token"
 TIDESERVE_CACHE = "/var/cache/tideserve"
 WORKER_UID = 10001  # the non-root user of Dockerfile.worker; also forced on the vllm image, which defaults to root
 
@@ -119,7 +121,8 @@ def worker_args(llmd: dict[str, Any]) -> list[str]:
     args += ["--max-num-seqs", str(engine["maxNumSeqs"]),
              "--max-num-batched-tokens", str(engine["maxNumBatchedTokens"])]
     if engine["kind"] == "tideserve":
-        args += ["--admin-port", str(ADMIN_PORT), "--drain-timeout", str(engine["drainTimeoutSeconds"]),
+        args += ["--admin-port", str(ADMIN_PORT), "--admin-token-file", f"{ADMIN_TOKEN_MOUNT}/{ADMIN_TOKEN_KEY}",
+                 "--drain-timeout", str(engine["drainTimeoutSeconds"]),
                  "--device", "cuda" if resources["gpus"] > 0 else "cpu"]
         if "apiKeySecret" in spec:
             args += ["--api-key-file", f"{API_KEYS_MOUNT}/{spec['apiKeySecret']['key']}"]
@@ -170,6 +173,7 @@ def _worker_container(llmd: dict[str, Any], config: OperatorConfig) -> dict[str,
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}]
     if tideserve:
         mounts.append({"name": "cache", "mountPath": TIDESERVE_CACHE})
+        mounts.append({"name": "admin-token", "mountPath": ADMIN_TOKEN_MOUNT, "readOnly": True})
     mounts += _model_mounts(spec["model"]["source"])
     if tideserve and "apiKeySecret" in spec:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
@@ -245,6 +249,8 @@ def _volumes(llmd: dict[str, Any]) -> list[dict[str, Any]]:
                                             "sizeLimit": quantity(spec["resources"]["sharedMemory"])}}]
     if spec["engine"]["kind"] == "tideserve":
         volumes.append({"name": "cache", "emptyDir": {}})
+        volumes.append({"name": "admin-token", "secret": {"secretName": admin_secret_name(llmd["metadata"]["name"]),
+                                                          "defaultMode": 0o440}})
     if "pvc" in source:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source["pvc"]["claimName"],
                                                                    "readOnly": True}})
@@ -339,6 +345,24 @@ def build_service(llmd: dict[str, Any]) -> dict[str, Any]:
             "selector": selector_labels(llmd["metadata"]["name"]),
             "ports": [{"name": "http", "port": service["port"], "targetPort": "http", "protocol": "TCP"}],
         },
+    }, llmd)
+
+
+def admin_secret_name(name: str) -> str:
+    return f"{name}-admin"
+
+
+def build_admin_secret(llmd: dict[str, Any]) -> dict[str, Any] | None:
+    """The Secret that holds the bearer token of the tideserve workers' admin port (live batch limits), which
+    every pod mounts and the autoscaler sends. Its data is not part of the desired state: the operator writes a
+    random token when it creates the Secret (or finds the key gone), and keeps it out of the last-applied record."""
+    if llmd["spec"]["engine"]["kind"] != "tideserve":
+        return None
+    return _owned({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {**_metadata(llmd), "name": admin_secret_name(llmd["metadata"]["name"])},
+        "type": "Opaque",
     }, llmd)
 
 

@@ -28,6 +28,7 @@ from tideserve.autoscaler.scrape import MetricsParseError, MetricsSnapshot, pars
 from tideserve.operator.manifests import ADMIN_PORT, API_PORT, CONTAINER_NAME
 
 BATCH_LIMITS_PATH = "/admin/batch-limits"
+UNAUTHORIZED = "admin endpoint answered 401"
 # The worker's live limits, as it exports them; compared with the stored ones to find pods to update.
 LIMIT_SEQS, LIMIT_TOKENS = "tideserve_max_num_seqs", "tideserve_max_num_batched_tokens"
 
@@ -289,4 +290,6 @@ async def put_batch_limits(client: httpx.AsyncClient, pod: dict[str, Any], max_n
                                     headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    if response.status_code == 401:
+        return UNAUTHORIZED
     return None if response.status_code == 200 else f"admin endpoint answered {response.status_code}"

@@ -8,8 +8,10 @@ LLMDeployment. The decisions are the pure functions of manifests.py, patching.py
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +47,13 @@ def llmdeployment_path(namespace: str, name: str, subresource: str = "") -> str:
 
 
 def children(namespace: str, name: str) -> dict[str, Child]:
-    def child(kind: str, base: str, plural: str) -> Child:
+    def child(kind: str, base: str, plural: str, object_name: str = name) -> Child:
         collection = f"{base}/namespaces/{namespace}/{plural}"
-        return Child(kind, collection, f"{collection}/{name}")
+        return Child(kind, collection, f"{collection}/{object_name}")
 
-    return {"Deployment": child("Deployment", "/apis/apps/v1", "deployments"),
+    # The Secret first: pods of a new Deployment mount it.
+    return {"Secret": child("Secret", "/api/v1", "secrets", manifests.admin_secret_name(name)),
+            "Deployment": child("Deployment", "/apis/apps/v1", "deployments"),
             "Service": child("Service", "/api/v1", "services"),
             "PodDisruptionBudget": child("PodDisruptionBudget", "/apis/policy/v1", "poddisruptionbudgets")}
 
@@ -84,7 +88,8 @@ def reconcile(kube, config: manifests.OperatorConfig, namespace: str, name: str,
     deployment = kube.get(paths["Deployment"].path)
     decision = None
     if not problems:
-        desired = {"Deployment": manifests.build_deployment(llmd, config),
+        desired = {"Secret": manifests.build_admin_secret(llmd),
+                   "Deployment": manifests.build_deployment(llmd, config),
                    "Service": manifests.build_service(llmd),
                    "PodDisruptionBudget": manifests.build_pod_disruption_budget(llmd)}
         for kind, child in paths.items():
@@ -138,7 +143,7 @@ def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, ob
                     now: datetime.datetime):
     """Create, patch or delete one child. Returns (the object as it now is or a Problem, an event or None,
     a scaling decision or None)."""
-    name = llmd["metadata"]["name"]
+    name = child.path.rsplit("/", 1)[1]
     if observed is not None and not manifests.is_owned_by(observed, llmd):
         return Problem("NameConflict", f"{child.kind} {name} exists and is not owned by this LLMDeployment; "
                                        "rename or delete it"), None, None
@@ -148,9 +153,14 @@ def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, ob
         kube.delete(child.path, observed["metadata"]["uid"], observed["metadata"]["resourceVersion"])
         return None, Event("Normal", "Deleted", f"{child.kind} {name} deleted"), None
     if observed is None:
-        created = kube.create(child.collection, patching.with_last_applied(desired))
+        body = patching.with_last_applied(desired)
+        if child.kind == "Secret":
+            body["data"] = _new_admin_token()  # after the last-applied record: the token is never copied into it
+        created = kube.create(child.collection, body)
         return created, Event("Normal", "Created", f"{child.kind} {name} created"), None
     patch = _service_patch(desired, observed) if child.kind == "Service" else patching.child_patch(desired, observed)
+    if child.kind == "Secret" and not (observed.get("data") or {}).get(manifests.ADMIN_TOKEN_KEY):
+        patch["data"] = _new_admin_token()
     if not patch:
         return observed, None, None
     updated = kube.merge_patch(child.path, _with_precondition(patch, observed))
@@ -165,6 +175,11 @@ def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, ob
         return updated, Event("Normal", "Scaled", message), decision
     what = ", ".join(changed) or "bookkeeping annotation"
     return updated, Event("Normal", "Updated", f"{child.kind} {name} updated: {what}"), None
+
+
+def _new_admin_token() -> dict[str, str]:
+    token = secrets.token_urlsafe(32)
+    return {manifests.ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()}
 
 
 def _api_message(exc: ApiException) -> str:

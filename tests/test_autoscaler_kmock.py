@@ -11,6 +11,7 @@ named admin.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import time
@@ -80,6 +81,8 @@ class FakePods:
         self.runner = aiohttp.web.AppRunner(app)
         self.prometheus_queries: list[str] = []
         self.direct_scrapes = 0
+        self.admin_token = None  # a callable giving the token the admin endpoints demand, as --admin-token-file does
+        self.refused_puts = 0
 
     def _pod(self, request) -> FakePod:
         return self.pods[request.transport.get_extra_info("sockname")[1]]
@@ -93,6 +96,9 @@ class FakePods:
 
     async def _limits(self, request):
         pod = self._pod(request)
+        if self.admin_token is not None and request.headers.get("Authorization") != f"Bearer {self.admin_token()}":
+            self.refused_puts += 1
+            return aiohttp.web.json_response({"error": "missing or invalid admin token"}, status=401)
         body = await request.json()
         pod.puts.append(body)
         pod.limits = (body["max_num_seqs"], body["max_num_batched_tokens"])
@@ -217,7 +223,14 @@ def sample(operator, metric: str, **labels) -> float | None:
     return operator.memo.autoscaler.metrics.registry.get_sample_value(metric, {"namespace": NS, "name": NAME, **labels})
 
 
+def admin_token(api) -> str:
+    """The token the operator put into the LLMDeployment's admin Secret (the pods mount it)."""
+    secret = api.get("", "v1", "secrets", NS, f"{NAME}-admin")
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
 async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every_pod(api, operator, fake_pods):
+    fake_pods.admin_token = lambda: admin_token(api)
     a = await fake_pods.add("chat-a")
     a.load = 500  # requests per scrape, about one a second: far beyond one replica
     await add_pod(api, "chat-a", a)
@@ -248,6 +261,12 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
     await add_pod(api, "chat-b", b)
     await eventually(lambda: b.puts and b.limits == (status(api)["batchLimits"]["maxNumSeqs"],
                                                      status(api)["batchLimits"]["maxNumBatchedTokens"]))
+    # A replaced token (the Secret recreated): the first push is refused, the loop reads the Secret again.
+    assert fake_pods.refused_puts == 0
+    new_token = base64.b64encode(b"rotated-token").decode()
+    await request(api, "PATCH", f"/api/v1/namespaces/{NS}/secrets/{NAME}-admin", {"data": {"token": new_token}})
+    b.limits = (7, 7)  # what b reports next: not the stored limits, so the loop pushes them again
+    await eventually(lambda: fake_pods.refused_puts >= 1 and b.limits != (7, 7))
 
     llmd = api.get(*LLMD, NS, NAME)
     st = llmd["status"]

@@ -72,7 +72,8 @@ WORKLOAD = {
     ("core/services", v) for v in ("get", "list", "watch", "create", "patch")} | {
     ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
     ("core/pods", v) for v in ("list", "watch", "patch")} | {
-    ("core/configmaps", v) for v in ("get", "create", "patch")} | {("core/events", "create")}
+    ("core/configmaps", v) for v in ("get", "create", "patch")} | {
+    ("core/secrets", v) for v in ("get", "create", "patch", "delete")} | {("core/events", "create")}
 CRD_DISCOVERY = {("apiextensions.k8s.io/customresourcedefinitions", "list"),
                  ("apiextensions.k8s.io/customresourcedefinitions", "watch")}
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -16,6 +17,7 @@ LLMD = ("tideserve.io", "v1alpha1", "llmdeployments")
 DEPLOYMENT = ("apps", "v1", "deployments")
 SERVICE = ("", "v1", "services")
 PDB = ("policy", "v1", "poddisruptionbudgets")
+SECRET = ("", "v1", "secrets")
 NS = "default"
 BASE = f"/apis/tideserve.io/v1alpha1/namespaces/{NS}/llmdeployments"
 
@@ -96,8 +98,36 @@ async def test_apply_creates_an_owned_deployment_and_service(api, operator):
     assert condition(llmd, "Progressing")["status"] == "True"
     assert condition(llmd, "Ready")["status"] == "False"
     # Events are posted by kopf's poster task, shortly after the reconcile.
-    await eventually(lambda: {e["message"] for e in events(api, "Created")} == {"Deployment smollm2 created",
-                                                                                  "Service smollm2 created"})
+    await eventually(lambda: {e["message"] for e in events(api, "Created")} == {
+        "Secret smollm2-admin created", "Deployment smollm2 created", "Service smollm2 created"})
+
+
+async def test_workers_admin_port_takes_a_token_from_an_owned_secret(api, operator):
+    llmd = await apply_minimal(api, operator)
+    secret = api.get(*SECRET, NS, "smollm2-admin")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == llmd["metadata"]["uid"]
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) >= 40
+    # The token is never copied into the record of what was applied (annotations are readable more widely).
+    assert token not in json.dumps(secret["metadata"]) and secret["data"]["token"] not in json.dumps(secret["metadata"])
+    pod = api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    path = worker["args"][worker["args"].index("--admin-token-file") + 1]
+    (mount,) = [m for m in worker["volumeMounts"] if m["name"] == "admin-token"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-token"]
+    assert path == f"{mount['mountPath']}/token" and mount["readOnly"]
+    assert volume["secret"]["secretName"] == "smollm2-admin"
+    # Reconciles keep the token; a Secret that lost its key gets a new one.
+    await request(api, "PATCH", f"/api/v1/namespaces/{NS}/secrets/smollm2-admin",
+                  {"metadata": {"annotations": {"example.com/touched": "yes"}}, "data": {"token": None}})
+    await request(api, "PATCH", f"{BASE}/smollm2", {"spec": {"replicas": 2}})
+    renewed = await eventually(lambda: (api.get(*SECRET, NS, "smollm2-admin").get("data") or {}).get("token"))
+    assert base64.b64decode(renewed).decode() != token
+    # The vllm engine has no admin port: no token, and the Secret goes.
+    await request(api, "PATCH", f"{BASE}/smollm2", {"spec": {"engine": {"kind": "vllm"}, "resources": {"gpus": 1}}})
+    await eventually(lambda: api.get(*SECRET, NS, "smollm2-admin") is None)
+    (worker,) = api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"]["spec"]["containers"]
+    assert "--admin-token-file" not in worker["args"]
 
 
 async def test_writes_use_the_right_content_types_and_never_touch_the_spec(api, operator):
@@ -118,7 +148,7 @@ async def test_writes_use_the_right_content_types_and_never_touch_the_spec(api, 
 
 async def test_a_reconcile_with_nothing_to_change_writes_nothing(api, operator, tmp_path):
     await apply_minimal(api, operator)
-    await eventually(lambda: len(events(api, "Created")) == 2)  # kopf posts events after the reconcile
+    await eventually(lambda: len(events(api, "Created")) == 3)  # kopf posts events after the reconcile
     dep = api.get(*DEPLOYMENT, NS, "smollm2")
     before_writes, before_reconciles = len(api.writes()), operator.memo.stats["reconciles"]
     # A change the operator does not manage (another controller's annotation) triggers a full reconcile.
@@ -173,7 +203,7 @@ async def test_a_deleted_deployment_comes_back(api, operator):
     await request(api, "DELETE", f"/apis/apps/v1/namespaces/{NS}/deployments/smollm2", content_type="application/json")
     recreated = await eventually(lambda: (d := api.get(*DEPLOYMENT, NS, "smollm2")) and d["metadata"]["uid"] != old_uid and d)
     assert recreated["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["--model", "smollm2"]
-    await eventually(lambda: len(events(api, "Created")) == 3)
+    await eventually(lambda: len(events(api, "Created")) == 4)  # Secret, Deployment, Service, Deployment again
 
 
 async def test_a_hand_edited_deployment_is_set_back_but_kubectl_restart_survives(api, operator):

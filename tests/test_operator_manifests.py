@@ -33,7 +33,7 @@ def worker(obj: dict) -> dict:
 def test_generated_manifests_pass_strict_kubernetes_validation(path):
     obj = llmd(path)
     for manifest in (manifests.build_deployment(obj, CONFIG), manifests.build_service(obj),
-                     manifests.build_pod_disruption_budget(obj)):
+                     manifests.build_pod_disruption_budget(obj), manifests.build_admin_secret(obj)):
         if manifest is not None:
             kubernetes_validate.validate(patching.with_last_applied(manifest), "1.35.0", strict=True)
 

@@ -53,6 +53,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, patch]
+# The bearer token of the workers' admin port, one Secret NAME-admin per LLMDeployment (tideserve engine): the
+# operator creates it, the autoscaler reads it to push batch limits, and it goes when the engine turns vllm.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, patch, delete]
 # The autoscaler's learned state, one ConfigMap NAME-autoscaler-state per LLMDeployment.
 - apiGroups: [""]
   resources: [configmaps]
