@@ -8,6 +8,7 @@ import copy
 import subprocess
 import sys
 
+import httpx
 import pytest
 import yaml
 
@@ -46,6 +47,12 @@ async def _closed_loop(llmd, tmp_path):
     try:
         await asyncio.wait_for(runtime.started.wait(), 240)
         assert runtime.profile is not None and runtime.profile.per_prefill_token_s > 0
+        # The admin port takes only the runtime's token (kept in a file only this user can read).
+        assert runtime.admin_token_file.stat().st_mode & 0o777 == 0o600
+        async with httpx.AsyncClient() as client:
+            refused = await client.put(f"{runtime.replicas[0].admin_url}/admin/batch-limits",
+                                       json={"max_num_seqs": 1, "max_num_batched_tokens": 32})
+        assert refused.status_code == 401
         one_replica = single_replica_rate(runtime)
         # The step: about 1.4 replicas' worth of load for 50 s, then a trickle while the deployment scales
         # back down, so that requests are in flight through the drain.

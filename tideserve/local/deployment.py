@@ -71,13 +71,13 @@ def cpu_threads(spec: dict[str, Any]) -> int:
 
 
 def worker_args(llmd: dict[str, Any], port: int, admin_port: int, max_num_seqs: int,
-                max_num_batched_tokens: int) -> list[str]:
-    """The pod's worker arguments with this machine's ports and the batch limits the autoscaler set last
-    (argparse keeps the last of a repeated option)."""
+                max_num_batched_tokens: int, admin_token_file: str) -> list[str]:
+    """The pod's worker arguments with this machine's ports, admin token file and the batch limits the
+    autoscaler set last (argparse keeps the last of a repeated option)."""
     spec = llmd["spec"]
     device = "auto" if spec["resources"]["gpus"] > 0 else "cpu"
     return manifests.worker_args(llmd) + [
         "--host", "127.0.0.1", "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin_port),
-        "--device", device, "--max-num-seqs", str(max_num_seqs),
+        "--admin-token-file", admin_token_file, "--device", device, "--max-num-seqs", str(max_num_seqs),
         "--max-num-batched-tokens", str(max_num_batched_tokens), "--log-level", "warning",
     ]

@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +99,13 @@ class LocalRuntime:
         self.aggregator = WindowAggregator(max_sample_age_s=3 * self.config.interval_s)
         self.proxy = Proxy(lambda: self.replicas)
         self.client = httpx.AsyncClient(timeout=5.0)
+        # The workers' admin port takes a bearer token, as in a cluster: other local users cannot change limits.
+        token = secrets.token_urlsafe(32)
+        self.admin_token_file = self.log_dir / "admin-token"
+        descriptor = os.open(self.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(token)
+        self._admin_headers = {"Authorization": f"Bearer {token}"}
         self._serial = 0
         self._drains: set[asyncio.Task] = set()
         self._last_startup: float | None = None
@@ -172,7 +181,8 @@ class LocalRuntime:
     async def _start_replica(self) -> None:
         self._serial += 1
         replica = WorkerProcess(f"{self.name}-{self._serial}", self.log_dir)
-        args = deployment.worker_args(self.llmd, replica.port, replica.admin_port, *self.limits)
+        args = deployment.worker_args(self.llmd, replica.port, replica.admin_port, *self.limits,
+                                      admin_token_file=str(self.admin_token_file))
         await replica.start(args, self.threads)
         replica.limits_pushed = self.limits
         self.replicas.append(replica)
@@ -211,7 +221,8 @@ class LocalRuntime:
             if r.limits_pushed == self.limits:
                 continue
             try:
-                response = await self.client.put(f"{r.admin_url}/admin/batch-limits", json=body)
+                response = await self.client.put(f"{r.admin_url}/admin/batch-limits", json=body,
+                                                 headers=self._admin_headers)
                 response.raise_for_status()
                 r.limits_pushed = self.limits
             except httpx.HTTPError as exc:
@@ -277,7 +288,7 @@ class LocalRuntime:
     async def _calibrate(self, replica: WorkerProcess) -> None:
         """Fit the step-time model on this machine: rounds of concurrent requests straight to one replica,
         each read back as a window of the worker's step statistics."""
-        info = (await self.client.get(f"{replica.admin_url}/admin/batch-limits")).json()
+        info = (await self.client.get(f"{replica.admin_url}/admin/batch-limits", headers=self._admin_headers)).json()
         points = []
         model = self.spec["model"]["name"]
         rng = random.Random(0)
