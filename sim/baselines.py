@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+import numpy as np
+
 from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.perf_model import BatchLimits, PerformanceModel, QueryMix, StepTimeParams
 
@@ -204,8 +206,6 @@ class HindsightPolicy:
 
     def __init__(self, arrivals, rate_per_replica: float, startup_s: float, window_s: float = 60.0,
                  min_replicas: int = 1, max_replicas: int = 64):
-        import numpy as np
-
         seconds = np.bincount(np.maximum(0, arrivals - arrivals[0]).astype(int))
         self._cumulative = np.concatenate([[0], np.cumsum(seconds)])
         self._start = float(arrivals[0])

@@ -138,12 +138,12 @@ def oracle_gpu_hours(arrivals: np.ndarray, capacity: float, window_s: float = 60
     return float(np.ceil(counts / window_s / capacity).sum() * window_s / 3600)
 
 
-def _simulate(policy, args, params, workload, initial: int):
+def _simulate(policy, args, params, workload, initial: int, max_num_batched_tokens: int | None = None):
     from tideserve.sim.simulator import SimConfig, Simulation
 
     return Simulation(*workload, policy, SimConfig(
         params=params, startup_s=args.startup_s, initial_replicas=initial, initial_max_num_seqs=args.max_num_seqs,
-        gpu_quota=args.gpu_quota)).run()
+        initial_max_num_batched_tokens=max_num_batched_tokens, gpu_quota=args.gpu_quota)).run()
 
 
 def _static_peak_search(args, params, workload):
@@ -192,7 +192,6 @@ def _hindsight_search(args, params, workload):
     best budget's bisection a few rates 1% apart are tried as well: a loose bound would flatter every policy."""
     from tideserve.sim.baselines import HindsightPolicy
     from tideserve.sim.report import summarize
-    from tideserve.sim.simulator import SimConfig, Simulation
 
     arrivals = workload[0]
     best = None
@@ -201,9 +200,7 @@ def _hindsight_search(args, params, workload):
         nonlocal best
         policy = HindsightPolicy(arrivals, rate, args.startup_s, max_replicas=args.max_replicas)
         initial = max(1, math.ceil(policy.window_rate(arrivals[0]) / rate))
-        result = Simulation(*workload, policy, SimConfig(
-            params=params, startup_s=args.startup_s, initial_replicas=initial,
-            initial_max_num_seqs=args.max_num_seqs, initial_max_num_batched_tokens=budget)).run()
+        result = _simulate(policy, args, params, workload, initial, max_num_batched_tokens=budget)
         summary = summarize(result, args.ttft_ms / 1000, args.tpot_ms / 1000, args.percentile)
         summary.update(hindsight_rate_per_replica=rate, hindsight_token_budget=budget)
         meets = summary["request_attainment"] >= args.attainment
