@@ -41,7 +41,7 @@ from tideserve.autoscaler.spec import autoscaling_mode, initial_batch_limits, po
 from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, manifests, metrics_source as source
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
 from tideserve.operator.manifests import SCALING_DECISION_ANNOTATION, is_owned_by, label_selector
-from tideserve.operator.reconcile import llmdeployment_path
+from tideserve.operator.reconcile import children, llmdeployment_path
 from tideserve.operator.resource import API_VERSION, KIND, defaulted
 from tideserve.operator.status import autoscaler_runs_batch_limits, batch_limits
 from tideserve.operator.validation import validate
@@ -343,9 +343,8 @@ class DeploymentLoop:
     async def _read_admin_token(self, refresh: bool) -> str | None:
         """The workers' admin bearer token from the Secret NAME-admin that reconcile keeps (cached)."""
         if refresh:
-            path = f"/api/v1/namespaces/{self.namespace}/secrets/{manifests.admin_secret_name(self.name)}"
             try:
-                secret = await asyncio.to_thread(self.kube.get, path)
+                secret = await asyncio.to_thread(self.kube.get, children(self.namespace, self.name)["Secret"].path)
             except ApiException as exc:
                 log.warning("%s/%s: cannot read the admin token: %s %s", self.namespace, self.name, exc.status,
                             exc.reason)
