@@ -66,6 +66,23 @@ def in_flight_streams(url: str, n: int, max_tokens: int):
     return threads, results
 
 
+def test_sigterm_while_the_model_loads_exits_zero(tiny_model_dir, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tideserve", "serve", "--model", tiny_model_dir, "--host", "127.0.0.1",
+         "--port", str(free_port()), "--admin-port", str(free_port()), "--log-level", "info"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in proc.stdout:  # the worker says when it starts loading; serving comes only after
+            if "loading" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert "serving" not in proc.stdout.read()
+
+
 def test_sigterm_drains_in_flight_streams_then_exits_zero(tiny_model_dir, tmp_path):
     proc, url = start_worker(tiny_model_dir, tmp_path)
     try:

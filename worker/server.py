@@ -1,7 +1,8 @@
 """`tideserve serve`: load a model, start the engine loop, serve the public and admin APIs, drain on SIGTERM.
 
 Drain: on SIGTERM (or SIGINT) /ready fails at once and new API requests get 503 while in-flight requests
-finish, for up to --drain-timeout seconds; whatever is left is then aborted and the process exits 0. Both
+finish, for up to --drain-timeout seconds; whatever is left is then aborted and the process exits 0 (a SIGTERM
+that arrives while the model still loads exits 0 at once: nothing is in flight). Both
 servers keep listening during the drain so a load balancer that has not yet seen /ready fail gets a clear
 503 rather than a refused connection.
 """
@@ -124,8 +125,18 @@ async def serve(engine, state, host, port, admin_host, admin_port, drain_timeout
         async_engine.stop()
 
 
+def _exit_before_serving(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def run(args: argparse.Namespace) -> int:
+    # A SIGTERM while the model loads (a scale-down or rollout that picks a replica still starting) finds nothing in
+    # flight: stop cleanly with exit code 0, as a drain would, instead of dying of the signal. serve() takes over
+    # SIGTERM once the servers run.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_serving)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("loading %s", args.model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the worker loads local directories only
     from tideserve.worker.api import ServerState
     from tideserve.worker.engine import LLMEngine
