@@ -35,14 +35,23 @@ def openapi_schema() -> dict[str, Any]:
 
 def json_schema(node: Any) -> Any:
     """The CRD's OpenAPI v3 schema as plain JSON schema: the Kubernetes extensions dropped, and unknown fields
-    refused as the API server's strict field validation (kubectl's default) does."""
+    refused as the API server's strict field validation (kubectl's default) does. The root's metadata only
+    restricts its name: every other ObjectMeta field stays allowed."""
+    result = _strict(node)
+    metadata = result.get("properties", {}).get("metadata") if isinstance(result, dict) else None
+    if metadata:
+        metadata.pop("additionalProperties", None)
+    return result
+
+
+def _strict(node: Any) -> Any:
     if isinstance(node, dict):
-        result = {k: json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        result = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
         if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
             result.setdefault("additionalProperties", False)
         return result
     if isinstance(node, list):
-        return [json_schema(v) for v in node]
+        return [_strict(v) for v in node]
     return node
 
 

@@ -4,15 +4,100 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --- leaks: nothing a test starts may outlive it ------------------------------------------------------------
+
+LEAK_GRACE_S = float(os.environ.get("TIDESERVE_LEAK_GRACE_S", "15"))  # processes and threads told to stop get this long to finish (a worker drains, then exits)
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Live (not zombie) descendant processes of `root`: pid -> command line."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with suppress(OSError):
+            stat = open(f"/proc/{entry}/stat").read()
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if state != "Z":
+                parents.setdefault(int(ppid), []).append(int(entry))
+    found, todo = {}, [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            with suppress(OSError):
+                found[child] = open(f"/proc/{child}/cmdline").read().replace("\0", " ").strip()[:200]
+            todo.append(child)
+    return found
+
+
+def _listening_ports(pids: list[int]) -> set[int]:
+    """TCP ports in LISTEN state on sockets held open by these processes."""
+    inodes = set()
+    for pid in pids:
+        with suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _running() -> tuple[dict[int, str], set[str], set[int]]:
+    children = _descendants(os.getpid())
+    threads = {f"{t.name} ({t.ident})" for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()}
+    return children, threads, _listening_ports([os.getpid(), *children])
+
+
+def _check_for_leaks(before, what: str) -> None:
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        children, threads, ports = _running()
+        leaked = ({p: c for p, c in children.items() if p not in before[0]}, threads - before[1], ports - before[2])
+        if not any(leaked) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if any(leaked):
+        for pid in leaked[0]:  # so that one leak does not slow or break every test after it
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{what} left running: child processes {leaked[0]}, non-daemon threads {sorted(leaked[1])}, "
+                    f"listening ports {sorted(leaked[2])}", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaks_per_module(request):
+    """Module-scoped fixtures (a shared worker, say) must stop everything they started."""
+    before = _running()
+    yield
+    _check_for_leaks(before, f"module {request.module.__name__}")
+
+
+@pytest.fixture(autouse=True)
+def no_leaks_per_test(request):
+    """Set up after the module's fixtures (which may hold a worker for the whole module), torn down after the
+    test's own: what it finds then, the test started and did not stop."""
+    before = _running()
+    yield
+    _check_for_leaks(before, request.node.nodeid)
 
 
 @pytest.fixture(scope="session")

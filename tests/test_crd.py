@@ -17,6 +17,7 @@ import celpy
 import pytest
 import yaml
 
+from apiserver_crd import crd_creation_errors
 from tideserve.operator.resource import CRD_FILE, apply_defaults, crd, openapi_schema, schema_errors
 from tideserve.operator.validation import validate
 
@@ -59,6 +60,58 @@ def minimal() -> dict:
 def test_chart_and_package_ship_the_same_crd():
     assert filecmp.cmp(f"crds/{CRD_FILE}", f"charts/tideserve/crds/{CRD_FILE}", shallow=False)
     assert crd() == yaml.safe_load(open(f"crds/{CRD_FILE}"))
+
+
+SHIPPED_CRDS = [f"crds/{CRD_FILE}", *sorted(glob.glob("charts/tideserve/crds/*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED_CRDS)
+def test_a_real_api_server_would_accept_the_crd(path):
+    """Structural schema, defaults valid and every CEL rule holding on them, fieldPaths, root-rule access and
+    cost bounds: the checks kube-apiserver runs when the CRD is created."""
+    for document in yaml.safe_load_all(open(path)):
+        assert crd_creation_errors(document) == []
+
+
+def _broken(edit) -> list[str]:
+    document = copy.deepcopy(crd())
+    edit(document["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    return crd_creation_errors(document)
+
+
+def test_the_api_server_rules_reject_what_real_api_servers_rejected():
+    """Each of the defects real API servers (v1.28, v1.32) found in an earlier CRD, put back one at a time."""
+    spec = lambda schema: schema["properties"]["spec"]["properties"]  # noqa: E731
+
+    def typed_branch(schema):
+        cpu = spec(schema)["resources"]["properties"]["cpu"]
+        cpu["anyOf"] = [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": cpu.pop("pattern")}]
+
+    def metadata_field_path(schema):
+        del schema["properties"]["metadata"]["properties"]
+        schema["x-kubernetes-validations"] = [{"rule": "size(self.metadata.name) <= 63", "message": "m",
+                                               "fieldPath": ".metadata.name"}]
+
+    def unguarded_rule(schema):
+        spec(schema)["autoscaling"]["x-kubernetes-validations"] = [
+            {"rule": "self.minReplicas <= self.maxStep", "message": "m"}]
+        del spec(schema)["autoscaling"]["properties"]["maxStep"]["default"]
+
+    def unbounded_match(schema):
+        del spec(schema)["model"]["properties"]["source"]["properties"]["uri"]["maxLength"]
+        spec(schema)["model"]["x-kubernetes-validations"][0]["rule"] = "!has(self.source.uri) || self.source.uri.matches('^hf://')"
+
+    def unknown_field_in_default(schema):
+        spec(schema)["service"]["default"] = {"typ": "ClusterIP"}
+
+    cases = [(typed_branch, "properties[cpu].anyOf[0].type: Forbidden: must be empty to be structural"),
+             (metadata_field_path, "fieldPath: Invalid value: \".metadata.name\": fieldPath must be a valid path"),
+             (unguarded_rule, "properties[autoscaling].default: Invalid value: \"object\": no such key: maxStep"),
+             (unbounded_match, "self.source.uri (string) needs maxLength"),
+             (unknown_field_in_default, "properties[service].default: Invalid value: Additional properties are not allowed ('typ'")]
+    for edit, message in cases:
+        errors = _broken(edit)
+        assert any(message in e for e in errors), (edit.__name__, errors)
 
 
 def test_schema_is_structural_and_described():
@@ -148,9 +201,10 @@ SCHEMA_CASES = [
     ({"spec": {"slo": {"ttft": {"percentile": 99.99, "targetMs": 500}}}}, "spec.slo.ttft.percentile"),
     ({"spec": {"service": {"type": "ExternalName"}}}, "spec.service.type"),
     ({"spec": {"unknownField": 1}}, "spec"),
+    ({"metadata": {"name": "9-starts-with-a-digit"}}, "metadata.name"),
+    ({"metadata": {"name": "a" * 64}}, "metadata.name"),
 ]
 CEL_CASES = [
-    ({"metadata": {"name": "9-starts-with-a-digit"}}, "metadata.name"),
     ({"spec": {"model": {"source": {"uri": "hf://org/model"}}}}, "spec.model.source"),
     ({"spec": {"model": {"source": {"path": None}}}}, "spec.model.source"),
     ({"spec": {"model": {"source": {"credentialsSecret": {"name": "s"}}}}}, "spec.model.source.credentialsSecret"),

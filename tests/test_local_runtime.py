@@ -71,7 +71,8 @@ async def _closed_loop(llmd, tmp_path):
     timeline = runtime.timeline
     assert result.summary.failed == 0, result.summary.errors
     assert result.summary.completed == len(step) + len(trickle)
-    assert max(p.desired for p in timeline) == 2, "the load step did not scale the deployment up"
+    assert max(p.desired for p in timeline) == 2, ("the load step did not scale the deployment up: "
+                                                   f"{[(round(p.time), p.action, p.reason) for p in timeline]}")
     up = next(i for i, p in enumerate(timeline) if p.desired == 2)
     assert any(p.desired == 1 for p in timeline[up:]), ("the deployment did not scale back down: "
                                                         f"{[(p.action, p.details) for p in timeline[up:]]}")
