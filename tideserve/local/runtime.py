@@ -41,8 +41,10 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape drow
 
 # Calibration rounds: (concurrent requests, prompt tokens, output tokens). Decodes of one and of many sequences
 # separate the per-step and per-sequence costs; prompts answered with one token are nearly pure prefill steps;
-# long prompts decoded for a while add the cost of context.
-CALIBRATION_ROUNDS = ((1, 16, 32), (8, 16, 32), (4, 384, 1), (6, 384, 24))
+# long prompts decoded for a while add the cost of context. More rounds than costs, so that the fit averages
+# out the noise of any one round instead of passing it on to every plan.
+CALIBRATION_ROUNDS = ((1, 16, 32), (4, 16, 32), (8, 16, 32), (16, 16, 24), (4, 384, 1), (2, 256, 24),
+                      (6, 384, 24))
 
 
 class LocalRuntimeError(RuntimeError):
@@ -292,21 +294,15 @@ class LocalRuntime:
         points = []
         model = self.spec["model"]["name"]
         rng = random.Random(0)
+        await self._calibration_round(replica, model, rng, *CALIBRATION_ROUNDS[0])  # warm-up: first calls are slow
         for batch, prompt_tokens, output_tokens in CALIBRATION_ROUNDS:
-            before = await self._step_totals(replica)
-            await asyncio.gather(*(self.client.post(
-                f"{replica.url}/v1/completions", timeout=120.0,
-                json={"model": model, "prompt": make_prompt(prompt_tokens, rng),
-                      "max_tokens": output_tokens, "ignore_eos": True}) for _ in range(batch)))
-            after = await self._step_totals(replica)
-            steps = after[0] - before[0]
-            if steps <= 0:
+            window = await self._calibration_round(replica, model, rng, batch, prompt_tokens, output_tokens)
+            if window is None:
                 continue
-            seqs = (after[2] - before[2]) / steps
-            tokens = (after[3] - before[3]) / steps
+            step_s, seqs, tokens = window
             # As the policy reads step windows: each sequence computes one token a step, the rest is prefill.
             context = seqs * (prompt_tokens + output_tokens / 2)
-            points.append(((after[1] - before[1]) / steps, seqs, context, max(0.0, tokens - seqs)))
+            points.append((step_s, seqs, context, max(0.0, tokens - seqs)))
         self.profile = fit_step_params(points, int(info.get("kv_cache_tokens", 10**6)),
                                        self.config.bootstrap.max_num_seqs, self.config.bootstrap.max_num_batched_tokens)
         self.config = dataclasses.replace(self.config, bootstrap=self.profile)
@@ -314,6 +310,20 @@ class LocalRuntime:
         log.info("bootstrap profile: step = %.1f ms + %.2f ms/seq + %.3f us/context token + %.1f us/prefill token",
                  self.profile.base_s * 1e3, self.profile.per_seq_s * 1e3, self.profile.per_context_token_s * 1e6,
                  self.profile.per_prefill_token_s * 1e6)
+
+    async def _calibration_round(self, replica: WorkerProcess, model: str, rng: random.Random, batch: int,
+                                 prompt_tokens: int, output_tokens: int) -> tuple[float, float, float] | None:
+        """`batch` concurrent requests; the window's mean step time, sequences and tokens per step."""
+        before = await self._step_totals(replica)
+        await asyncio.gather(*(self.client.post(
+            f"{replica.url}/v1/completions", timeout=120.0,
+            json={"model": model, "prompt": make_prompt(prompt_tokens, rng),
+                  "max_tokens": output_tokens, "ignore_eos": True}) for _ in range(batch)))
+        after = await self._step_totals(replica)
+        steps = after[0] - before[0]
+        if steps <= 0:
+            return None
+        return (after[1] - before[1]) / steps, (after[2] - before[2]) / steps, (after[3] - before[3]) / steps
 
     async def _step_totals(self, replica: WorkerProcess) -> tuple[float, float, float, float]:
         response = await self.client.get(f"{replica.url}/metrics")
