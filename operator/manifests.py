@@ -121,7 +121,9 @@ def worker_args(llmd: dict[str, Any]) -> list[str]:
     args += ["--max-num-seqs", str(engine["maxNumSeqs"]),
              "--max-num-batched-tokens", str(engine["maxNumBatchedTokens"])]
     if engine["kind"] == "tideserve":
-        args += ["--admin-port", str(ADMIN_PORT), "--admin-token-file", f"{ADMIN_TOKEN_MOUNT}/{ADMIN_TOKEN_KEY}",
+        # The autoscaler reaches the admin port at the pod IP: beyond loopback, so the worker insists on the token.
+        args += ["--admin-host", "0.0.0.0", "--admin-port", str(ADMIN_PORT),
+                 "--admin-token-file", f"{ADMIN_TOKEN_MOUNT}/{ADMIN_TOKEN_KEY}",
                  "--drain-timeout", str(engine["drainTimeoutSeconds"]),
                  "--device", "cuda" if resources["gpus"] > 0 else "cpu"]
         if "apiKeySecret" in spec:

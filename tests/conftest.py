@@ -130,7 +130,8 @@ class RunningWorker:
 
 
 @contextmanager
-def run_worker(model_dir: str, api_keys=(), admin_token=None, max_body_bytes=4 * 2**20, drain_timeout=30.0,
+def run_worker(model_dir: str, api_keys=(), admin_token=None, admin_token_file=None, max_body_bytes=4 * 2**20,
+               drain_timeout=30.0,
                **engine_kwargs):
     """Start a real worker (engine thread + both uvicorn servers) on free ports in a background thread."""
     from tideserve.worker.api import ServerState
@@ -141,7 +142,8 @@ def run_worker(model_dir: str, api_keys=(), admin_token=None, max_body_bytes=4 *
     engine_kwargs.setdefault("max_model_len", 256)
     engine_kwargs.setdefault("num_kv_blocks", 256)
     engine = LLMEngine(EngineConfig(model=model_dir, served_model_name="tiny", **engine_kwargs))
-    state = ServerState(api_keys=frozenset(api_keys), admin_token=admin_token, max_body_bytes=max_body_bytes)
+    state = ServerState(api_keys=frozenset(api_keys), admin_token=admin_token, admin_token_file=admin_token_file,
+                        max_body_bytes=max_body_bytes)
     port, admin_port = free_port(), free_port()
     loop = asyncio.new_event_loop()
     errors = []
@@ -161,7 +163,7 @@ def run_worker(model_dir: str, api_keys=(), admin_token=None, max_body_bytes=4 *
         try:
             if httpx.get(f"{worker.url}/ready").status_code == 200 and httpx.get(
                 f"{worker.admin_url}/admin/batch-limits",
-                headers={"Authorization": f"Bearer {admin_token}"} if admin_token else {},
+                headers={"Authorization": f"Bearer {state.current_admin_token()}"} if state.current_admin_token() else {},
             ).status_code == 200:
                 break
         except httpx.TransportError:

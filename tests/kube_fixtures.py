@@ -16,10 +16,12 @@ behaves, so that a mistake fails here instead of in a cluster:
 - /scale reads and writes an autoscaling/v1 Scale mapped onto spec.replicas (the CRD's scale subresource);
 - labelSelector is honoured by list and watch; a watch with a resourceVersion replays only newer events;
 - deleting an object deletes its dependents (owner references by uid), as the garbage collector does;
-- PUT is refused (405): the operator never replaces whole objects.
+- PUT is refused (405): the operator never replaces whole objects;
+- OwnerReferencesPermissionEnforcement admission: an owner reference with blockOwnerDeletion is refused (403)
+  unless the caller's RBAC (the chart's own rules, given as `granted`) allows update on the owner's finalizers.
 
 Not emulated: server-side defaulting and schema/CEL validation (tests/test_crd.py covers the schema),
-admission, the Deployment/ReplicaSet controllers and the scheduler (tests drive their effects through the
+other admission, the Deployment/ReplicaSet controllers and the scheduler (tests drive their effects through the
 API, as those controllers would), field selectors, timeoutSeconds.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import functools
 import itertools
 import json
 import threading
@@ -42,6 +45,7 @@ import kopf
 import pytest_asyncio
 from kmock._internal import enums
 
+from kube_tools import render, rules_by_kind
 from tideserve.operator import handlers
 from tideserve.operator.autoscaler_loop import AutoscalerOptions
 from tideserve.operator.kube import load_configuration
@@ -114,6 +118,8 @@ def _content_type(request: kmock.Request) -> str:
 
 
 class StrictKubernetesEmulator(kmock.KubernetesEmulator):
+    granted: set[tuple[str, str]] | None = None  # (group/resource, verb) the operator's RBAC allows
+
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._revision = itertools.count(1)
@@ -195,9 +201,24 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
             obj.pop("status", None)  # the status subresource is the only way to write status
         meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=self._next_revision(),
                     creationTimestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self._admit_owner_references(request, obj)
         self._store(key, obj)
         self._notify(request.resource, "ADDED", obj)
         return obj
+
+    def _admit_owner_references(self, request: kmock.Request, obj: dict[str, Any]) -> None:
+        """OwnerReferencesPermissionEnforcement, for the operator's requests (not the test's own)."""
+        if self.granted is None or request.headers.get("User-Agent", "").startswith("kmock/"):
+            return
+        for ref in obj.get("metadata", {}).get("ownerReferences", []):
+            if not ref.get("blockOwnerDeletion"):
+                continue
+            group = ref["apiVersion"].rpartition("/")[0]
+            plurals = [p for (g, _, p), info in RESOURCES.items() if g == group and info["kind"] == ref["kind"]]
+            if not any((f"{group or 'core'}/{p}/finalizers", "update") in self.granted for p in plurals):
+                raise _fail(403, "Forbidden", f"{request.resource.plural} \"{obj['metadata'].get('name')}\" is "
+                            "forbidden: cannot set blockOwnerDeletion if an ownerReference refers to a resource you "
+                            "can't set finalizers on: , <nil>")
 
     def _patch(self, request: kmock.Request) -> dict[str, Any]:
         key = (request.resource, request.namespace, request.name)
@@ -254,6 +275,8 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
             self._remove(request.resource, key, new)
             return new
+        if new["metadata"].get("ownerReferences") != old["metadata"].get("ownerReferences"):
+            self._admit_owner_references(request, new)
         self._store(key, new)
         self._notify(request.resource, "MODIFIED", new)
         return self._as_scale(new) if request.subresource == "scale" else new
@@ -361,9 +384,17 @@ def write_kubeconfig(path, server: str) -> str:
     return str(path)
 
 
+@functools.cache
+def chart_rbac() -> frozenset[tuple[str, str]]:
+    """What the chart's cluster-wide install grants the operator's ServiceAccount."""
+    return frozenset(rules_by_kind(render([]), "ClusterRole")[""])
+
+
 @pytest_asyncio.fixture
 async def api():
-    async with StrictKubernetesEmulator() as emulator, kmock.Server(emulator):
+    emulator = StrictKubernetesEmulator()
+    emulator.granted = set(chart_rbac())
+    async with emulator, kmock.Server(emulator):
         yield emulator
 
 

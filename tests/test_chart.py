@@ -11,9 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kube_tools import kube_tool
+from kube_tools import CHART, helm, render, rules_by_kind
 
-CHART = "charts/tideserve"
 KUBERNETES_VERSION = "1.35.0"
 VALUE_SETS = {
     "cluster-wide": [],
@@ -21,17 +20,6 @@ VALUE_SETS = {
     "prometheus-no-metrics-port": ["--set", "autoscaler.prometheusUrl=http://prometheus.monitoring:9090",
                                    "--set", "metrics.port=0"],
 }
-
-
-def helm(*args: str) -> str:
-    result = subprocess.run([kube_tool("helm"), *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def render(values: list[str]) -> list[dict]:
-    out = helm("template", "tideserve", CHART, "--namespace", "tideserve", "--include-crds", *values)
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -53,21 +41,11 @@ def test_rendered_manifests_pass_strict_validation(values):
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def rules_by_kind(docs: list[dict], kind: str) -> dict[str, set[tuple[str, str]]]:
-    found = {}
-    for doc in docs:
-        if doc["kind"] == kind:
-            key = doc["metadata"].get("namespace", "")
-            found[key] = {(f"{group or 'core'}/{resource}", verb) for rule in doc["rules"]
-                          for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
-    return found
-
-
 # What the operator calls (operator/reconcile.py, the autoscaling loop, and kopf's watches, status patches and
 # events), and nothing else.
 WORKLOAD = {
     ("tideserve.io/llmdeployments", v) for v in ("get", "list", "watch", "patch")} | {
-    ("tideserve.io/llmdeployments/status", "patch")} | {
+    ("tideserve.io/llmdeployments/status", "patch"), ("tideserve.io/llmdeployments/finalizers", "update")} | {
     ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch")} | {
     ("core/services", v) for v in ("get", "list", "watch", "create", "patch")} | {
     ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
@@ -109,12 +87,12 @@ def test_operator_arguments_are_accepted_by_tideserve_operator():
     for values in VALUE_SETS.values():
         (deployment,) = [d for d in render(values) if d["kind"] == "Deployment"]
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-        parsed = build_parser().parse_args(["operator", *args])
+        parsed = build_parser("operator").parse_args(["operator", *args])
         assert parsed.liveness_endpoint == "http://0.0.0.0:8080/healthz"
         ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
         assert ports.get("metrics", 0) == parsed.metrics_port
     (deployment,) = [d for d in render(VALUE_SETS["prometheus-no-metrics-port"]) if d["kind"] == "Deployment"]
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    parsed = build_parser().parse_args(["operator", *args])
+    parsed = build_parser("operator").parse_args(["operator", *args])
     assert parsed.prometheus_url == "http://prometheus.monitoring:9090" and parsed.metrics_port == 0
     assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"].get("annotations", {})

@@ -1,7 +1,8 @@
 """The `tideserve` console script: one entry point, one subcommand per job.
 
 Each subcommand lives in the module that owns it and exposes `add_arguments(parser)` and `run(args) -> int`;
-modules are imported only when their subcommand runs, so `tideserve bench` never imports torch.
+a module is imported only when its subcommand runs, so `tideserve bench` never imports torch and `tideserve
+operator` never imports the worker.
 """
 
 from __future__ import annotations
@@ -22,20 +23,23 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of `command` only: declaring them imports its module, and the others'
+    modules may need what this install lacks (the operator image has no torch, the worker image no kopf)."""
     parser = argparse.ArgumentParser(prog="tideserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module_name)
-        # Arguments are declared by the owning module; importing it here is cheap because the heavy imports
-        # (torch, transformers) happen inside run().
-        importlib.import_module(module_name).add_arguments(sub_parser)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

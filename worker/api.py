@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,11 +38,15 @@ _DISCONNECT_POLL_S = 0.25
 class ServerState:
     api_keys: frozenset[str] = frozenset()
     admin_token: str | None = None
+    admin_token_file: Any = None  # a SecretFile: re-read when it changes; takes precedence over admin_token
     max_body_bytes: int = 4 * 2**20
     retry_after_s: int = 1
     draining: bool = False
     request_drain: Callable[[], None] | None = None  # set by the server: starts the same drain as SIGTERM
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def current_admin_token(self) -> str | None:
+        return self.admin_token_file.value() if self.admin_token_file is not None else self.admin_token
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -408,7 +412,8 @@ def create_admin_app(engine: AsyncEngine, state: ServerState) -> FastAPI:
     core = engine.engine
 
     def guard(scope) -> APIError | None:
-        if state.admin_token and not _bearer_ok(scope, {state.admin_token}):
+        token = state.current_admin_token()
+        if token and not _bearer_ok(scope, {token}):
             return APIError(401, "missing or invalid admin token", "authentication_error")
         return None
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="name clients use in the `model` field (default: the model's name)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--admin-host", default="0.0.0.0", help="the admin API (batch limits) listens here")
+    parser.add_argument("--admin-host", default="127.0.0.1",
+                        help="the admin API (batch limits) listens here; beyond loopback only with an admin token")
     parser.add_argument("--admin-port", type=int, default=8001)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -45,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="grace period for in-flight requests (s)")
     parser.add_argument("--api-key-file", help="file with accepted API keys, one per line (or env TIDESERVE_API_KEY)")
-    parser.add_argument("--admin-token-file", help="file with the admin bearer token (or env TIDESERVE_ADMIN_TOKEN)")
+    parser.add_argument("--admin-token-file", help="file with the admin bearer token, read again when it changes "
+                        "(or env TIDESERVE_ADMIN_TOKEN)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-level", default="info")
 
@@ -77,6 +81,28 @@ def read_secrets(env_var: str, path: str | None) -> list[str]:
     if path:
         values += [line for line in Path(path).read_text().splitlines() if line.strip()]
     return [v.strip() for v in values]
+
+
+def admin_credentials(args: argparse.Namespace):
+    """(token from the environment, SecretFile) for the admin port. Fail closed: an empty token file is an
+    error, and the port binds beyond loopback only behind a token."""
+    from tideserve.worker.secret_file import SecretFile
+
+    token_file = SecretFile(args.admin_token_file) if args.admin_token_file else None
+    token = (read_secrets("TIDESERVE_ADMIN_TOKEN", None) or [None])[0]
+    if token_file is None and token is None and not _is_loopback(args.admin_host):
+        raise ValueError(f"--admin-host {args.admin_host} is reachable from other hosts: set --admin-token-file "
+                         "(or TIDESERVE_ADMIN_TOKEN), or keep the admin port on 127.0.0.1")
+    return token, token_file
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it resolves beyond this machine
 
 
 class _Server(uvicorn.Server):
@@ -136,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_before_serving)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        admin_token, admin_token_file = admin_credentials(args)
+    except ValueError as exc:
+        print(f"tideserve serve: {exc}", file=sys.stderr)
+        return 2
     log.info("loading %s", args.model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the worker loads local directories only
     from tideserve.worker.api import ServerState
@@ -145,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     engine = LLMEngine(config)
     state = ServerState(
         api_keys=frozenset(read_secrets("TIDESERVE_API_KEY", args.api_key_file)),
-        admin_token=(read_secrets("TIDESERVE_ADMIN_TOKEN", args.admin_token_file) or [None])[0],
+        admin_token=admin_token,
+        admin_token_file=admin_token_file,
         max_body_bytes=args.max_body_bytes,
     )
     log.info("serving %s on %s:%d (admin %s:%d)", engine.model_name, args.host, args.port, args.admin_host,

@@ -40,6 +40,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [tideserve.io]
   resources: [llmdeployments/status]
   verbs: [patch]
+# The children's owner references set blockOwnerDeletion (foreground deletion waits for them): under the
+# OwnerReferencesPermissionEnforcement admission plugin (on by default in OpenShift) that needs update on the
+# owner's finalizers. The operator never writes finalizers.
+- apiGroups: [tideserve.io]
+  resources: [llmdeployments/finalizers]
+  verbs: [update]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
