@@ -80,4 +80,4 @@ def test_a_rotated_token_is_accepted_by_a_running_worker(tiny_model_dir, tmp_pat
         assert put("second-token") == 200
         assert put("first-token") == 401
         (volume / "..2" / "token").write_text("")  # a half-written update never opens the port
-        assert put("second-token") == 200 and put("") == 401
+        assert put("second-token") == 200 and put("x") == 401

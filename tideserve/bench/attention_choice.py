@@ -337,7 +337,7 @@ def print_table(rows: list[dict]) -> None:
 
 def code_version() -> str:
     """The commit the engine code comes from, and whether worker/ has uncommitted changes (best effort)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout.strip()

@@ -24,7 +24,7 @@ from tideserve.traces import TraceRequest
 WINDOW_S = 600.0
 BLOCK_S = 21600.0
 QUANTILES = np.linspace(0, 1, 33)
-SHIPPED = Path(__file__).resolve().parent.parent / "tideserve" / "data" / "traces" / "servegen"
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "traces" / "servegen"
 
 
 def _pdf_quantiles(text: str) -> list[int]:
