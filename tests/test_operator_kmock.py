@@ -345,3 +345,16 @@ async def test_every_request_is_allowed_by_the_charts_rbac(api, operator):
     used = requests_as_rbac(api)
     assert ("policy/poddisruptionbudgets", "delete") in used
     assert used <= WORKLOAD | CRD_DISCOVERY, used - (WORKLOAD | CRD_DISCOVERY)
+
+
+async def test_owner_references_need_the_finalizers_grant_under_owner_reference_admission(api, operator):
+    """The children set blockOwnerDeletion, which OwnerReferencesPermissionEnforcement admits only with update on
+    llmdeployments/finalizers (the chart grants it, so every other test here passes that check). Without it the
+    API server refuses every child, and the operator says so in status instead of looping."""
+    api.granted.discard(("tideserve.io/llmdeployments/finalizers", "update"))
+    await request(api, "POST", BASE, example("minimal"), content_type="application/json")
+    llmd = await settled(api, operator, "smollm2")
+    assert api.get(*DEPLOYMENT, NS, "smollm2") is None and api.get(*SECRET, NS, "smollm2-admin") is None
+    degraded = condition(llmd, "Degraded")
+    assert degraded.get("status") == "True" and degraded["reason"] == "ApplyRejected", llmd["status"]
+    assert "cannot set blockOwnerDeletion" in degraded["message"]
