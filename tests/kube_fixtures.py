@@ -387,7 +387,7 @@ def write_kubeconfig(path, server: str) -> str:
 @functools.cache
 def chart_rbac() -> frozenset[tuple[str, str]]:
     """What the chart's cluster-wide install grants the operator's ServiceAccount."""
-    return frozenset(rules_by_kind(render([]), "ClusterRole")[""])
+    return frozenset(rules_by_kind(render(["--set", "clusterWide=true"]), "ClusterRole")[""])
 
 
 @pytest_asyncio.fixture

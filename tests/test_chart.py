@@ -11,11 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kube_tools import CHART, helm, render, rules_by_kind
+from kube_tools import CHART, SUPPORTED_KUBERNETES, helm, kube_tool, render, rules_by_kind
 
-KUBERNETES_VERSION = "1.35.0"
 VALUE_SETS = {
-    "cluster-wide": [],
+    "default": [],
+    "cluster-wide": ["--set", "clusterWide=true"],
     "namespaced-with-peering": ["--set", "replicaCount=2", "--set", "watchNamespaces={llm,team-a}"],
     "prometheus-no-metrics-port": ["--set", "autoscaler.prometheusUrl=http://prometheus.monitoring:9090",
                                    "--set", "metrics.port=0"],
@@ -27,8 +27,9 @@ def test_helm_lint_strict(values):
     helm("lint", "--strict", CHART, *values)
 
 
+@pytest.mark.parametrize("version", SUPPORTED_KUBERNETES)
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
-def test_rendered_manifests_pass_strict_validation(values):
+def test_rendered_manifests_pass_strict_validation(values, version):
     docs = render(values)
     crds = {(d["spec"]["group"], d["spec"]["names"]["kind"]): d for d in docs if d["kind"] == "CustomResourceDefinition"}
     assert {kind for _, kind in crds} == {"LLMDeployment", "ClusterKopfPeering", "KopfPeering"}
@@ -38,7 +39,7 @@ def test_rendered_manifests_pass_strict_validation(values):
             (version,) = crds[group, doc["kind"]]["spec"]["versions"]
             jsonschema.validate(doc, version["schema"]["openAPIV3Schema"])
         else:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(doc, version, strict=True)
 
 
 # What the operator calls (operator/reconcile.py, the autoscaling loop, and kopf's watches, status patches and
@@ -56,8 +57,33 @@ CRD_DISCOVERY = {("apiextensions.k8s.io/customresourcedefinitions", "list"),
                  ("apiextensions.k8s.io/customresourcedefinitions", "watch")}
 
 
-def test_cluster_wide_rbac_is_exactly_what_the_operator_uses():
+def test_the_chart_admits_exactly_the_supported_kubernetes_versions():
+    chart = yaml.safe_load(open(f"{CHART}/Chart.yaml"))
+    assert chart["kubeVersion"] == f">={SUPPORTED_KUBERNETES[0]}-0"
+    for version, admitted in (("1.29.9", False), (SUPPORTED_KUBERNETES[0], True), (SUPPORTED_KUBERNETES[1], True)):
+        result = subprocess.run([kube_tool("helm"), "template", "t", CHART, "--kube-version", version],
+                                capture_output=True, text=True, timeout=120)
+        assert (result.returncode == 0) == admitted, (version, result.stderr)
+
+
+def test_the_default_install_acts_in_the_release_namespace_only():
     docs = render([])
+    namespaces = {("core/namespaces", "list"), ("core/namespaces", "watch")}
+    assert rules_by_kind(docs, "ClusterRole") == {"": CRD_DISCOVERY | namespaces}
+    assert rules_by_kind(docs, "Role") == {"tideserve": WORKLOAD}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=tideserve" in args and "--all-namespaces" not in args
+
+
+def test_cluster_wide_and_named_namespaces_exclude_each_other():
+    result = subprocess.run([kube_tool("helm"), "template", "t", CHART, "--set", "clusterWide=true",
+                             "--set", "watchNamespaces={a}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "set clusterWide or watchNamespaces, not both" in result.stderr
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses():
+    docs = render(VALUE_SETS["cluster-wide"])
     assert rules_by_kind(docs, "ClusterRole") == {"": WORKLOAD | CRD_DISCOVERY}
     assert rules_by_kind(docs, "Role") == {}
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]

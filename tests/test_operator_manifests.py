@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kube_tools import SUPPORTED_KUBERNETES
 from tideserve.operator import manifests, patching, status
 from tideserve.operator.resource import defaulted
 
@@ -29,13 +30,14 @@ def worker(obj: dict) -> dict:
     return manifests.build_deployment(obj, CONFIG)["spec"]["template"]["spec"]["containers"][0]
 
 
+@pytest.mark.parametrize("version", SUPPORTED_KUBERNETES)
 @pytest.mark.parametrize("path", sorted(glob.glob("examples/*.yaml")))
-def test_generated_manifests_pass_strict_kubernetes_validation(path):
+def test_generated_manifests_pass_strict_kubernetes_validation(path, version):
     obj = llmd(path)
     for manifest in (manifests.build_deployment(obj, CONFIG), manifests.build_service(obj),
                      manifests.build_pod_disruption_budget(obj), manifests.build_admin_secret(obj)):
         if manifest is not None:
-            kubernetes_validate.validate(patching.with_last_applied(manifest), "1.35.0", strict=True)
+            kubernetes_validate.validate(patching.with_last_applied(manifest), version, strict=True)
 
 
 def test_worker_pod_is_restricted_and_drains():

@@ -32,6 +32,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* The rules for LLMDeployments and their children: exactly the verbs the operator uses. */}}
+{{/* The namespaces the operator watches, as JSON: the release's own unless clusterWide or watchNamespaces say
+otherwise; [] means every namespace (clusterWide). */}}
+{{- define "tideserve.watchNamespaces" -}}
+{{- if and .Values.clusterWide .Values.watchNamespaces -}}
+{{- fail "set clusterWide or watchNamespaces, not both" -}}
+{{- else if .Values.clusterWide -}}
+[]
+{{- else if .Values.watchNamespaces -}}
+{{ toJson .Values.watchNamespaces }}
+{{- else -}}
+{{ list .Release.Namespace | toJson }}
+{{- end -}}
+{{- end -}}
+
 {{- define "tideserve.workloadRules" -}}
 # patch: the autoscaler writes spec.replicas (mode active) with its reason annotation.
 - apiGroups: [tideserve.io]
