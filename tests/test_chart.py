@@ -122,3 +122,27 @@ def test_operator_arguments_are_accepted_by_tideserve_operator():
     parsed = build_parser("operator").parse_args(["operator", *args])
     assert parsed.prometheus_url == "http://prometheus.monitoring:9090" and parsed.metrics_port == 0
     assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"].get("annotations", {})
+
+
+def documented_rbac() -> dict[str, set[tuple[str, str]]]:
+    """docs/operator.md's RBAC table: (group/resource, verb) by scope."""
+    text = open("docs/operator.md").read()
+    table = text[text.index("| API group | resource |"):].split("\n\n")[0].splitlines()[2:]
+    rows: dict[str, set[tuple[str, str]]] = {}
+    for line in table:
+        group, resource, verbs, scope, _why = (cell.strip() for cell in line.strip("|").split("|"))
+        rows.setdefault(scope, set()).update((f"{group}/{resource}", v.strip()) for v in verbs.split(","))
+    return rows
+
+
+def test_the_documented_rbac_table_is_what_the_chart_renders():
+    rows = documented_rbac()
+    cluster, workload = rows["cluster"], rows["workload"]
+    assert workload == WORKLOAD
+    default = render([])
+    assert rules_by_kind(default, "ClusterRole") == {"": cluster | rows["cluster, namespaced installs"]}
+    assert rules_by_kind(default, "Role") == {"tideserve": workload}
+    peered = render(VALUE_SETS["namespaced-with-peering"])
+    assert rules_by_kind(peered, "Role")["llm"] == workload | rows["peering, namespaced installs"]
+    wide = render(["--set", "clusterWide=true", "--set", "replicaCount=2"])
+    assert rules_by_kind(wide, "ClusterRole") == {"": cluster | workload | rows["peering, clusterWide"]}
