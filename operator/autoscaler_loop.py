@@ -247,9 +247,7 @@ class DeploymentLoop:
         if gate is not None and not await gate.allows(self.namespace):
             return interval
         now = time.time()
-        pods = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods",
-                                       label_selector(self.name))
-        pods = [p for p in pods if not source.is_terminating(p)]
+        pods = [p for p in await self._owned_pods() if not source.is_terminating(p)]
         ready = [p for p in pods if source.is_ready(p)]
         collected = await self.autoscaler.collect(self.namespace, ready, interval)
         samples = [ReplicaSample(p["metadata"]["name"], collected.times.get(p["metadata"]["name"], now),
@@ -288,6 +286,15 @@ class DeploymentLoop:
                                        len([p for p in ready if p["metadata"]["name"] in collected.errors]))
         await self.save(llmd)
         return interval
+
+    async def _owned_pods(self) -> list[dict[str, Any]]:
+        """The worker pods, as far as the Deployment's own ReplicaSets vouch for them (see source.owned_pods)."""
+        selector = label_selector(self.name)
+        pods, replicasets, deployment = await asyncio.gather(
+            asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods", selector),
+            asyncio.to_thread(self.kube.list, f"/apis/apps/v1/namespaces/{self.namespace}/replicasets", selector),
+            asyncio.to_thread(self.kube.get, children(self.namespace, self.name)["Deployment"].path))
+        return source.owned_pods(pods, replicasets, deployment)
 
     async def _ensure_policy(self, llmd: dict[str, Any]) -> bool:
         """Build the policy from the spec, or rebuild it when the spec's autoscaling settings changed, keeping
@@ -455,8 +462,7 @@ class DeploymentLoop:
         limits = llmd.get("status", {}).get("autoscaling", {}).get("batchLimits")
         spec = dict(zip(("maxNumSeqs", "maxNumBatchedTokens"), initial_batch_limits(llmd["spec"])))
         if limits and limits != spec and llmd["spec"]["engine"]["kind"] == "tideserve":
-            pods = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods",
-                                           label_selector(self.name))
+            pods = await self._owned_pods()
             await self._push_limits([p for p in pods if source.is_ready(p)], source.Collected({}, {}, {}), spec,
                                     everyone=True)
 

@@ -53,6 +53,23 @@ def _condition(pod: dict[str, Any], ctype: str) -> dict[str, Any]:
     return {}
 
 
+def _controller_uid(obj: dict[str, Any]) -> str | None:
+    return next((ref.get("uid") for ref in obj.get("metadata", {}).get("ownerReferences", [])
+                 if ref.get("controller")), None)
+
+
+def owned_pods(pods: list[dict[str, Any]], replicasets: list[dict[str, Any]],
+               deployment: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The pods the LLMDeployment's own Deployment runs: controlled by a ReplicaSet that the Deployment controls.
+    Anyone who may create pods in the namespace can copy the worker labels; such a pod must get neither the admin
+    token nor a say in scaling."""
+    if deployment is None:
+        return []
+    uid = deployment["metadata"].get("uid")
+    sets = {rs["metadata"].get("uid") for rs in replicasets if _controller_uid(rs) == uid}
+    return [p for p in pods if _controller_uid(p) in sets]
+
+
 def is_terminating(pod: dict[str, Any]) -> bool:
     return bool(pod["metadata"].get("deletionTimestamp"))
 

@@ -63,6 +63,7 @@ def _resource(group: str, version: str, plural: str) -> kmock.resource:
 RESOURCES = {
     ("tideserve.io", "v1alpha1", "llmdeployments"): dict(kind="LLMDeployment", namespaced=True, subresources={"status", "scale"}),
     ("apps", "v1", "deployments"): dict(kind="Deployment", namespaced=True, subresources={"status", "scale"}),
+    ("apps", "v1", "replicasets"): dict(kind="ReplicaSet", namespaced=True, subresources={"status", "scale"}),
     ("", "v1", "services"): dict(kind="Service", namespaced=True, subresources={"status"}),
     ("policy", "v1", "poddisruptionbudgets"): dict(kind="PodDisruptionBudget", namespaced=True, subresources={"status"}),
     ("", "v1", "pods"): dict(kind="Pod", namespaced=True, subresources={"status"}),

@@ -40,6 +40,9 @@ NS = "default"
 NAME = "chat"
 BASE = f"/apis/tideserve.io/v1alpha1/namespaces/{NS}/llmdeployments"
 PODS = f"/api/v1/namespaces/{NS}/pods"
+REPLICASET = ("apps", "v1", "replicasets")
+RS_PATH = f"/apis/apps/v1/namespaces/{NS}/replicasets"
+RS_NAME = f"{NAME}-5d8f7b9c4"
 
 
 class FakePod:
@@ -52,6 +55,8 @@ class FakePod:
         self.limits = limits
         self.broken = False
         self.puts: list[dict] = []
+        self.scrapes = 0
+        self.authorizations: list[str | None] = []  # the Authorization header of every admin request
 
     def scrape(self) -> bytes:
         m = self.metrics
@@ -90,12 +95,14 @@ class FakePods:
     async def _metrics(self, request):
         pod = self._pod(request)
         self.direct_scrapes += 1
+        pod.scrapes += 1
         if pod.broken:
             return aiohttp.web.Response(status=500, text="engine exploded")
         return aiohttp.web.Response(body=pod.scrape(), content_type="text/plain")
 
     async def _limits(self, request):
         pod = self._pod(request)
+        pod.authorizations.append(request.headers.get("Authorization"))
         if self.admin_token is not None and request.headers.get("Authorization") != f"Bearer {self.admin_token()}":
             self.refused_puts += 1
             return aiohttp.web.json_response({"error": "missing or invalid admin token"}, status=401)
@@ -171,17 +178,41 @@ def llmdeployment(mode="active", replicas=1, **autoscaling) -> dict:
 async def create(api, body: dict) -> dict:
     await request(api, "POST", BASE, body, content_type="application/json")
     await eventually(lambda: api.get(*DEPLOYMENT, NS, NAME))
+    await adopt_replicaset(api)
     return api.get(*LLMD, NS, NAME)
 
 
+async def replicaset(api) -> dict:
+    """The ReplicaSet the Deployment controller runs the worker pods through."""
+    found = api.get(*REPLICASET, NS, RS_NAME)
+    if found is None:
+        found = await request(api, "POST", RS_PATH, {
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": RS_NAME, "labels": object_labels(NAME)},
+            "spec": {"selector": {"matchLabels": object_labels(NAME)}}}, content_type="application/json")
+    return found
+
+
+async def adopt_replicaset(api) -> None:
+    """What the Deployment controller does: the ReplicaSet becomes the Deployment's."""
+    deployment = api.get(*DEPLOYMENT, NS, NAME)
+    await replicaset(api)
+    await request(api, "PATCH", f"{RS_PATH}/{RS_NAME}", {"metadata": {"ownerReferences": [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME, "uid": deployment["metadata"]["uid"],
+         "controller": True, "blockOwnerDeletion": True}]}})
+
+
 async def add_pod(api, name: str, pod: FakePod | None = None, port: int | None = None,
-                  unschedulable: bool = False) -> None:
-    """A worker pod as the ReplicaSet controller, the scheduler and the kubelet would leave it."""
+                  unschedulable: bool = False, owned: bool = True) -> None:
+    """A worker pod as the ReplicaSet controller, the scheduler and the kubelet would leave it (owned=False: a
+    pod someone else created with the worker labels)."""
     port = pod.port if pod else port or free_port()
     labels = object_labels(NAME)  # the pod template's labels
+    owner = await replicaset(api) if owned else None
     await request(api, "POST", PODS, {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels,
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": RS_NAME,
+                                          "uid": owner["metadata"]["uid"], "controller": True}] if owner else [],
                      "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                                      "prometheus.io/path": "/metrics"}},
         "spec": {"containers": [{"name": "worker", "image": "tideserve-worker:test",
@@ -291,6 +322,22 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
                      and status(api)["batchLimits"] == {"maxNumSeqs": 256, "maxNumBatchedTokens": 8192})
     assert not {"SLOMet", "MetricsStale"} & {c["type"] for c in status(api)["conditions"]}
     assert requests_as_rbac(api) <= WORKLOAD | CRD_DISCOVERY, requests_as_rbac(api) - (WORKLOAD | CRD_DISCOVERY)
+
+
+async def test_a_pod_that_only_carries_the_labels_gets_no_token_and_no_say(api, operator, fake_pods):
+    """Anyone who may create pods can copy the worker labels: only pods of the Deployment's own ReplicaSet count."""
+    fake_pods.admin_token = lambda: admin_token(api)
+    worker, intruder = await fake_pods.add("chat-a"), await fake_pods.add("chat-intruder")
+    intruder.load = 5000  # it would ask for the maximum if it were heard
+    intruder.ttft, intruder.tpot = 30.0, 2.0
+    await add_pod(api, "chat-a", worker)
+    await add_pod(api, "chat-intruder", intruder, owned=False)
+    await create(api, llmdeployment(maxReplicas=4))
+    await eventually(lambda: worker.scrapes >= 3, timeout=20)
+    await eventually(lambda: worker.puts)  # the loop runs and pushes limits, to its own pod only
+    assert intruder.scrapes == 0 and intruder.authorizations == []
+    assert api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 1  # the idle worker is all there is
+    assert status(api)["autoscaling"]["readyReplicas"] == 1
 
 
 async def test_metrics_through_prometheus_drive_the_same_decisions(api, tmp_path, fake_pods):

@@ -485,3 +485,16 @@ def test_the_operator_with_its_autoscaler_never_imports_torch():
             "print(any(m in sys.modules for m in ('torch', 'transformers')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd="/").stdout.strip() == "False"
+
+
+def test_only_pods_of_the_deployments_own_replicasets_are_trusted():
+    def obj(name, uid, owner_uid=None, controller=True):
+        refs = [{"uid": owner_uid, "controller": controller, "kind": "X", "name": "x", "apiVersion": "v1"}] if owner_uid else []
+        return {"metadata": {"name": name, "uid": uid, "ownerReferences": refs}}
+
+    deployment = obj("chat", "d1")
+    sets = [obj("chat-1", "rs1", "d1"), obj("chat-old", "rs0", "d1"), obj("other", "rs9", "d9")]
+    pods = [obj("a", "p1", "rs1"), obj("b", "p2", "rs0"), obj("copied-labels", "p3"), obj("other-app", "p4", "rs9"),
+            obj("not-controlled", "p5", "rs1", controller=False)]
+    assert [p["metadata"]["name"] for p in source.owned_pods(pods, sets, deployment)] == ["a", "b"]
+    assert source.owned_pods(pods, sets, None) == []

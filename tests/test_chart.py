@@ -47,7 +47,7 @@ def test_rendered_manifests_pass_strict_validation(values, version):
 WORKLOAD = {
     ("tideserve.io/llmdeployments", v) for v in ("get", "list", "watch", "patch")} | {
     ("tideserve.io/llmdeployments/status", "patch"), ("tideserve.io/llmdeployments/finalizers", "update")} | {
-    ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch")} | {
+    ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch")} | {("apps/replicasets", "list")} | {
     ("core/services", v) for v in ("get", "list", "watch", "create", "patch")} | {
     ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
     ("core/pods", v) for v in ("list", "watch", "patch")} | {

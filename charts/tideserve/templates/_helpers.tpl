@@ -63,6 +63,10 @@ otherwise; [] means every namespace (clusterWide). */}}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
+# The autoscaler trusts only pods whose ReplicaSet its Deployment controls.
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [list]
 - apiGroups: [""]
   resources: [services]
   verbs: [get, list, watch, create, patch]
