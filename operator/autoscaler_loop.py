@@ -6,8 +6,8 @@ Observation (tideserve.autoscaler.scrape.WindowAggregator), asks the policy, and
 Decision: new batch limits are PUT to every ready tideserve pod whose reported limits differ (so a new pod gets
 them within one interval of becoming ready, with no restart of the others and no change to the pod template);
 a replica change drains first (the pods the policy chose get a low controller.kubernetes.io/pod-deletion-cost,
-so the ReplicaSet deletes those) and then writes spec.replicas with the scaling-decision annotation, under a
-resourceVersion precondition. Everything lands in status (autoscaler_status.py), in Events on changes, and in
+so the ReplicaSet deletes those) and then writes spec.replicas through the scale subresource, under a
+resourceVersion precondition, after the decision and its reason are in status. Everything lands in status (autoscaler_status.py), in Events on changes, and in
 the operator's own metrics (autoscaler_metrics.py); what the policy learned is saved to a ConfigMap
 (autoscaler_state.py) every few minutes and when the loop stops, and loaded when it starts.
 
@@ -40,7 +40,7 @@ from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator
 from tideserve.autoscaler.spec import autoscaling_mode, initial_batch_limits, policy_config
 from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, manifests, metrics_source as source
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
-from tideserve.operator.manifests import SCALING_DECISION_ANNOTATION, is_owned_by, label_selector
+from tideserve.operator.manifests import is_owned_by, label_selector
 from tideserve.operator.reconcile import children, llmdeployment_path
 from tideserve.operator.resource import API_VERSION, KIND, defaulted
 from tideserve.operator.status import autoscaler_runs_batch_limits, batch_limits
@@ -275,9 +275,11 @@ class DeploymentLoop:
             # The limits the pods should run (after active -> advisory: the spec's again), to every pod that
             # reports others (a new pod), and to all ready pods when they change now.
             await self._push_limits(ready, collected, chosen, everyone=chosen != current)
-        if act and decision.replicas != spec["replicas"]:
-            llmd, scaled = await self._scale(llmd, decision, pods)
+        # The reasoning goes to status first, so that reconcile finds it when it carries the new replicas to the
+        # Deployment (status.lastScalingDecision, the Scaled event).
         llmd = await self._write_status(llmd, decision, obs, mode, chosen if runs_limits else None, _utc(now))
+        if act and decision.replicas != spec["replicas"]:
+            scaled = await self._scale(llmd, decision, pods)
         for event in loop_status.decision_events(decision, mode, spec["replicas"], scaled, self.memory.recommendation,
                                                  current if runs_limits else None, chosen if runs_limits else None):
             self._event(llmd, event)
@@ -378,28 +380,27 @@ class DeploymentLoop:
                 if exc.status != 404:  # a pod that is already gone needs no mark
                     raise
 
-    async def _scale(self, llmd: dict[str, Any], decision: Decision, pods: list[dict[str, Any]]
-                     ) -> tuple[dict[str, Any], bool]:
-        """spec.replicas and the reason, under a resourceVersion precondition; a conflict re-reads and goes
-        again only while spec.replicas is still what the decision was made from."""
+    async def _scale(self, llmd: dict[str, Any], decision: Decision, pods: list[dict[str, Any]]) -> bool:
+        """spec.replicas through the scale subresource (what `kubectl scale` and an HPA use: the only field this
+        write can touch), under a resourceVersion precondition; a conflict re-reads and goes again only while
+        spec.replicas is still what the decision was made from."""
         based_on = llmd["spec"]["replicas"]
         if decision.replicas < based_on:
             await self._mark_drain(pods, decision.drain)
-        note = json.dumps({"replicas": decision.replicas, "reason": decision.reason}, separators=(",", ":"))
         raw = llmd
         for _ in range(CONFLICT_RETRIES):
-            patch = {"metadata": {"resourceVersion": raw["metadata"]["resourceVersion"],
-                                  "annotations": {SCALING_DECISION_ANNOTATION: note}},
+            patch = {"metadata": {"resourceVersion": raw["metadata"]["resourceVersion"]},
                      "spec": {"replicas": decision.replicas}}
             try:
-                return defaulted(await asyncio.to_thread(self.kube.merge_patch, self._path(), patch)), True
+                await asyncio.to_thread(self.kube.merge_patch, self._path("scale"), patch)
+                return True
             except ApiException as exc:
                 if exc.status != 409:
                     raise
             raw = await asyncio.to_thread(self.kube.get, self._path())
             if raw is None or raw["spec"].get("replicas", 1) != based_on:
                 break
-        return llmd, False
+        return False
 
     # --- status ---------------------------------------------------------------------------------------------
 

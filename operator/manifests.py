@@ -36,8 +36,6 @@ STARTUP_PROBE_PERIOD_SECONDS = 10
 SELECTOR_LABEL = "tideserve.io/llmdeployment"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "tideserve-operator"
-# Set by the autoscaler (or anyone) together with spec.replicas: {"replicas": N, "reason": "..."}.
-SCALING_DECISION_ANNOTATION = "tideserve.io/scaling-decision"
 
 # GPU feature discovery (NVIDIA GPU operator) labels each GPU node with nvidia.com/gpu.product.
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"

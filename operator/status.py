@@ -8,11 +8,10 @@ reconcile that observes nothing new computes an identical status and writes noth
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from tideserve.operator.manifests import SCALING_DECISION_ANNOTATION, endpoint_url, label_selector
+from tideserve.operator.manifests import endpoint_url, label_selector
 
 READY, PROGRESSING, DEGRADED, CAPACITY_LIMITED = "Ready", "Progressing", "Degraded", "CapacityLimited"
 OWN_CONDITIONS = (READY, PROGRESSING, DEGRADED, CAPACITY_LIMITED)
@@ -181,15 +180,13 @@ def batch_limits(llmd: dict[str, Any]) -> dict[str, int]:
 
 def scaling_decision(llmd: dict[str, Any], from_replicas: int, to_replicas: int,
                      now: datetime.datetime) -> dict[str, Any]:
-    """The record of a replica change the operator is applying. The reason comes from the
-    SCALING_DECISION_ANNOTATION when it describes this very change, so a stale one is never reused."""
+    """The record of a replica change the operator is applying. The reason is the autoscaler's, from
+    status.autoscaling.lastDecision, when that decision asked for this very change (so a stale one is never
+    reused); otherwise someone else (a user, GitOps, `kubectl scale`) changed spec.replicas."""
     reason = f"spec.replicas changed from {from_replicas} to {to_replicas}"
-    raw = llmd["metadata"].get("annotations", {}).get(SCALING_DECISION_ANNOTATION)
-    try:
-        told = json.loads(raw) if raw else {}
-    except ValueError:
-        told = {}
-    if isinstance(told, dict) and told.get("replicas") == to_replicas and told.get("reason"):
+    told = llmd.get("status", {}).get("autoscaling", {}).get("lastDecision", {})
+    if told.get("applied") and told.get("action") in ("scale-up", "scale-down") and \
+            told.get("replicas") == to_replicas and told.get("reason"):
         reason = str(told["reason"])
     return {"time": timestamp(now), "from": from_replicas, "to": to_replicas, "reason": reason}
 

@@ -245,9 +245,9 @@ def events(api, reason: str) -> list[dict]:
 
 
 def spec_writes(api) -> list:
-    """The operator's writes to the LLMDeployment itself (not its status)."""
-    return [r for r in api.writes() if r.url.path == f"{BASE}/{NAME}" and r.method.value == "PATCH"
-            and not r.headers.get("User-Agent", "").startswith("kmock/")]
+    """The operator's writes to the LLMDeployment itself or its scale subresource (not its status)."""
+    return [r for r in api.writes() if r.url.path in (f"{BASE}/{NAME}", f"{BASE}/{NAME}/scale")
+            and r.method.value == "PATCH" and not r.headers.get("User-Agent", "").startswith("kmock/")]
 
 
 def sample(operator, metric: str, **labels) -> float | None:
@@ -269,11 +269,12 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
 
     await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] > 1, timeout=20)
     first = spec_writes(api)[0]
-    assert first.headers["Content-Type"] == "application/merge-patch+json"
+    assert first.url.path.endswith("/scale") and first.headers["Content-Type"] == "application/merge-patch+json"
     assert first.data["spec"] == {"replicas": 3}  # maxStep 2
-    assert first.data["metadata"]["resourceVersion"]  # optimistic concurrency
-    note = json.loads(first.data["metadata"]["annotations"]["tideserve.io/scaling-decision"])
-    assert note["replicas"] == 3 and note["reason"].startswith("scale up 1->3: demand")
+    assert set(first.data["metadata"]) == {"resourceVersion"}  # optimistic concurrency, and nothing else
+    assert not [r for r in spec_writes(api) if not r.url.path.endswith("/scale")]  # never annotations or metadata
+    told = status(api)["autoscaling"]["lastDecision"]
+    assert told["replicas"] == 3 and told["reason"].startswith("scale up 1->3: demand")
     # The operator's reconcile carries it to the Deployment, with the autoscaler's reason.
     await eventually(lambda: api.get(*DEPLOYMENT, NS, NAME)["spec"]["replicas"] >= 3)
     await eventually(lambda: any(e["message"].startswith("spec.replicas 1 -> 3: scale up") for e in events(api, "AutoscaledUp")))
@@ -422,7 +423,7 @@ async def test_scale_down_drains_the_chosen_pods_first(api, operator, fake_pods)
     assert costs == {"chat-a": None, "chat-b": "-1000", "chat-c": "-1000"}  # the least busy go
     writes = [r for r in api.writes() if not r.headers.get("User-Agent", "").startswith("kmock/")]
     marked = max(i for i, r in enumerate(writes) if r.url.path.startswith(f"{PODS}/chat-") and r.method.value == "PATCH")
-    scaled = next(i for i, r in enumerate(writes) if r.url.path == f"{BASE}/{NAME}" and r.method.value == "PATCH")
+    scaled = next(i for i, r in enumerate(writes) if r.url.path == f"{BASE}/{NAME}/scale" and r.method.value == "PATCH")
     assert marked < scaled  # drain marks first, then fewer replicas
     assert await eventually(lambda: any(e["message"].startswith("spec.replicas 3 -> 1: scale down")
                                         for e in events(api, "AutoscaledDown")))

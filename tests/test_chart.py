@@ -46,7 +46,8 @@ def test_rendered_manifests_pass_strict_validation(values, version):
 # events), and nothing else.
 WORKLOAD = {
     ("tideserve.io/llmdeployments", v) for v in ("get", "list", "watch", "patch")} | {
-    ("tideserve.io/llmdeployments/status", "patch"), ("tideserve.io/llmdeployments/finalizers", "update")} | {
+    ("tideserve.io/llmdeployments/status", "patch"), ("tideserve.io/llmdeployments/finalizers", "update"),
+    ("tideserve.io/llmdeployments/scale", "patch")} | {
     ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch")} | {("apps/replicasets", "list")} | {
     ("core/services", v) for v in ("get", "list", "watch", "create", "patch")} | {
     ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {

@@ -227,9 +227,7 @@ async def test_a_hand_edited_deployment_is_set_back_but_kubectl_restart_survives
 
 async def test_scaling_through_the_scale_subresource_reaches_the_deployment(api, operator):
     await apply_minimal(api, operator)
-    # What `kubectl scale llmd/smollm2 --replicas=3` sends, with the reason an autoscaler would leave.
-    await request(api, "PATCH", f"{BASE}/smollm2", {"metadata": {"annotations": {
-        "tideserve.io/scaling-decision": json.dumps({"replicas": 3, "reason": "ttft p90 above target"})}}})
+    # What `kubectl scale llmd/smollm2 --replicas=3` sends.
     scale = await request(api, "PATCH", f"{BASE}/smollm2/scale", {"spec": {"replicas": 3}})
     assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 3
     await eventually(lambda: api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["replicas"] == 3)
@@ -237,7 +235,7 @@ async def test_scaling_through_the_scale_subresource_reaches_the_deployment(api,
     assert pdb["spec"]["maxUnavailable"] == 1 and pdb["metadata"]["ownerReferences"][0]["name"] == "smollm2"
     llmd = await settled(api, operator, "smollm2")
     decision = llmd["status"]["lastScalingDecision"]
-    assert (decision["from"], decision["to"], decision["reason"]) == (1, 3, "ttft p90 above target")
+    assert (decision["from"], decision["to"], decision["reason"]) == (1, 3, "spec.replicas changed from 1 to 3")
     await eventually(lambda: any("scaled from 1 to 3" in e["message"] for e in events(api, "Scaled")))
     scale = await request(api, "GET", f"{BASE}/smollm2/scale")
     assert scale["status"]["selector"] == "tideserve.io/llmdeployment=smollm2"

@@ -242,8 +242,11 @@ def test_foreign_conditions_survive():
     assert [c["type"] for c in st["conditions"]][-1] == "SLOAttained"
 
 
-def test_scaling_decision_reason_only_from_a_matching_annotation():
+def test_scaling_decision_reason_only_from_the_autoscalers_matching_decision():
     obj = llmd()
-    obj["metadata"]["annotations"] = {manifests.SCALING_DECISION_ANNOTATION: '{"replicas": 3, "reason": "ttft"}'}
+    obj["status"] = {"autoscaling": {"lastDecision": {"action": "scale-up", "replicas": 3, "reason": "ttft",
+                                                      "applied": True}}}
     assert status.scaling_decision(obj, 1, 3, NOW) == {"time": "2026-01-01T12:00:00Z", "from": 1, "to": 3, "reason": "ttft"}
     assert status.scaling_decision(obj, 3, 2, NOW)["reason"] == "spec.replicas changed from 3 to 2"
+    obj["status"]["autoscaling"]["lastDecision"]["applied"] = False  # advisory: recorded, not what changed it
+    assert status.scaling_decision(obj, 1, 3, NOW)["reason"] == "spec.replicas changed from 1 to 3"

@@ -47,10 +47,14 @@ otherwise; [] means every namespace (clusterWide). */}}
 {{- end -}}
 
 {{- define "tideserve.workloadRules" -}}
-# patch: the autoscaler writes spec.replicas (mode active) with its reason annotation.
+# patch: kopf's bookkeeping annotation.
 - apiGroups: [tideserve.io]
   resources: [llmdeployments]
   verbs: [get, list, watch, patch]
+# The autoscaler writes spec.replicas (mode active) through the scale subresource, its reason in status.
+- apiGroups: [tideserve.io]
+  resources: [llmdeployments/scale]
+  verbs: [patch]
 - apiGroups: [tideserve.io]
   resources: [llmdeployments/status]
   verbs: [patch]
