@@ -2,8 +2,8 @@
 
 Objects travel as plain JSON dicts, exactly as the API server sends them, so the pure modules (manifests,
 patching, status) never see client model classes. Every write states its content type: the official client
-would otherwise send a dict PATCH as strategic-merge-patch, which custom resources reject (415) and which
-merges lists by key instead of replacing them.
+would otherwise send a dict PATCH as strategic-merge-patch, which custom resources reject (415). Children are
+written with server-side apply, status and small edits with merge patches.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply; JSON is YAML
 JSON = "application/json"
 
 
@@ -86,6 +87,12 @@ class KubeClient:
 
     def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    def apply(self, path: str, body: dict[str, Any], field_manager: str) -> dict[str, Any]:
+        """Server-side apply of `body` (the whole intent) as `field_manager`; creates the object if absent.
+        force: the operator's fields are its own, a conflicting manager's value is taken over."""
+        return self.request("PATCH", path, query={"fieldManager": field_manager, "force": "true"},
+                            body=body, content_type=APPLY_PATCH)
 
     def delete(self, path: str, uid: str, resource_version: str) -> None:
         """Delete exactly the object that was observed: a recreated or changed one fails with 409."""

@@ -3,7 +3,8 @@
 Level-based: whatever triggered it (a spec change, an edited or deleted child, a pod event), it reads the
 LLMDeployment and its children fresh and converges them, so running it again with nothing changed sends no
 write at all. Synchronous (the official client is); handlers.py runs it in a thread, one at a time per
-LLMDeployment. The decisions are the pure functions of manifests.py, patching.py and status.py.
+LLMDeployment. The decisions are the pure functions of manifests.py, patching.py and status.py. Children are
+written with server-side apply (patching.FIELD_MANAGER), so what a mutating webhook adds stays and converges.
 """
 
 from __future__ import annotations
@@ -62,15 +63,6 @@ def _with_precondition(patch: dict[str, Any], observed: dict[str, Any]) -> dict[
     # A resourceVersion in a patch makes the server refuse it (409) if the object changed since it was read.
     return {**patch, "metadata": {**patch.get("metadata", {}),
                                   "resourceVersion": observed["metadata"]["resourceVersion"]}}
-
-
-def _service_patch(desired: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
-    patch = patching.child_patch(desired, observed)
-    # Leaving NodePort or LoadBalancer keeps the allocated nodePorts in the merged ports, which the server
-    # rejects for a ClusterIP Service: send the ports (without nodePorts) along with the type.
-    if "type" in patch.get("spec", {}):
-        patch["spec"]["ports"] = desired["spec"]["ports"]
-    return patch
 
 
 def reconcile(kube, config: manifests.OperatorConfig, namespace: str, name: str,
@@ -152,28 +144,29 @@ def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, ob
             return None, None, None
         kube.delete(child.path, observed["metadata"]["uid"], observed["metadata"]["resourceVersion"])
         return None, Event("Normal", "Deleted", f"{child.kind} {name} deleted"), None
-    if observed is None:
+    if observed is None or patching.needs_apply(desired, observed):
         body = patching.with_last_applied(desired)
-        if child.kind == "Secret":
-            body["data"] = _new_admin_token()  # after the last-applied record: the token is never copied into it
-        created = kube.create(child.collection, body)
-        return created, Event("Normal", "Created", f"{child.kind} {name} created"), None
-    patch = _service_patch(desired, observed) if child.kind == "Service" else patching.child_patch(desired, observed)
-    if child.kind == "Secret" and not (observed.get("data") or {}).get(manifests.ADMIN_TOKEN_KEY):
-        patch["data"] = _new_admin_token()
-    if not patch:
+        if observed is not None:  # the apply holds only if the object is still the one compared with
+            body["metadata"]["resourceVersion"] = observed["metadata"]["resourceVersion"]
+        updated = kube.apply(child.path, body, patching.FIELD_MANAGER)
+    else:
+        updated = observed
+    if child.kind == "Secret" and not (updated.get("data") or {}).get(manifests.ADMIN_TOKEN_KEY):
+        # A merge patch, not part of the applied intent: later applies (which never carry the token) leave it be.
+        updated = kube.merge_patch(child.path, _with_precondition({"data": _new_admin_token()}, updated))
+    if observed is None:
+        return updated, Event("Normal", "Created", f"{child.kind} {name} created"), None
+    if updated is observed:
         return observed, None, None
-    updated = kube.merge_patch(child.path, _with_precondition(patch, observed))
-    decision = None
-    changed = patching.changed_paths(patch)
-    if child.kind == "Deployment" and "replicas" in patch.get("spec", {}):
+    changed = patching.changed_paths(desired, observed)
+    if child.kind == "Deployment" and desired["spec"]["replicas"] != observed["spec"].get("replicas", 1):
         decision = status_mod.scaling_decision(llmd, observed["spec"].get("replicas", 1), desired["spec"]["replicas"], now)
-        changed.remove("spec.replicas")
+        changed = [c for c in changed if c != "spec.replicas"]
         message = f"Deployment {name} scaled from {decision['from']} to {decision['to']}: {decision['reason']}"
         if changed:
             message += f"; also updated {', '.join(changed)}"
         return updated, Event("Normal", "Scaled", message), decision
-    what = ", ".join(changed) or "bookkeeping annotation"
+    what = ", ".join(changed) or ("admin token" if child.kind == "Secret" else "bookkeeping annotation")
     return updated, Event("Normal", "Updated", f"{child.kind} {name} updated: {what}"), None
 
 

@@ -8,7 +8,7 @@ behaves, so that a mistake fails here instead of in a cluster:
   metadata and status changes) and creationTimestamp are stamped on every write; a write that changes
   nothing is a no-op (same resourceVersion, no watch event), as on a real server;
 - PATCH needs a real patch content type: application/json-patch+json with a list body,
-  application/merge-patch+json with an object; strategic-merge-patch and apply-patch are refused (415,
+  application/merge-patch+json with an object; strategic-merge-patch is refused (415,
   as custom resources do), so the operator cannot silently depend on semantics kmock does not have;
 - a resourceVersion in a merge patch, a failing JSON-patch `test` op and DeleteOptions preconditions give
   409/422, which is how optimistic concurrency fails on a real server;
@@ -16,6 +16,10 @@ behaves, so that a mistake fails here instead of in a cluster:
 - /scale reads and writes an autoscaling/v1 Scale mapped onto spec.replicas (the CRD's scale subresource);
 - labelSelector is honoured by list and watch; a watch with a resourceVersion replays only newer events;
 - deleting an object deletes its dependents (owner references by uid), as the garbage collector does;
+- server-side apply (application/apply-patch+yaml, fieldManager required) merges the applied intent with the
+  object (keyed lists item by item) and removes the fields the same manager applied before and applies no more;
+  it creates the object when absent, and a resourceVersion in it is a precondition;
+- an optional mutating step (`mutate`) changes objects after every write, as a mutating admission webhook does;
 - PUT is refused (405): the operator never replaces whole objects;
 - OwnerReferencesPermissionEnforcement admission: an owner reference with blockOwnerDeletion is refused (403)
   unless the caller's RBAC (the chart's own rules, given as `granted`) allows update on the owner's finalizers.
@@ -54,6 +58,61 @@ from tideserve.operator.manifests import OperatorConfig
 BUILTIN_GROUPS = {"", "apps", "policy", "apiextensions.k8s.io", "autoscaling", "batch"}
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+# The API server's merge keys (x-kubernetes-list-map-keys / patchMergeKey) of the lists in the objects the operator
+# applies; every other list is atomic. Server-side apply merges keyed lists item by item.
+SERVER_LIST_KEYS = {"containers": ("name",), "initContainers": ("name",), "env": ("name",), "volumes": ("name",),
+                    "volumeMounts": ("mountPath",), "imagePullSecrets": ("name",), "ownerReferences": ("uid",),
+                    "ports": ("containerPort", "port")}
+
+
+def _list_key(field: str, *lists: list) -> str | None:
+    for key in SERVER_LIST_KEYS.get(field, ()):
+        items = [item for values in lists for item in values]
+        if all(isinstance(item, dict) and key in item for item in items):
+            return key
+    return None
+
+
+def _apply_merge(observed: Any, applied: Any, field: str = "") -> Any:
+    """Server-side apply's merge: maps key by key, keyed lists item by item, anything else replaced."""
+    if isinstance(applied, dict) and isinstance(observed, dict):
+        result = dict(observed)
+        for key, value in applied.items():
+            result[key] = _apply_merge(observed.get(key), value, key)
+        return result
+    if isinstance(applied, list) and isinstance(observed, list) and (key := _list_key(field, applied, observed)):
+        merged = [dict(item) for item in observed]
+        for item in applied:
+            index = next((i for i, o in enumerate(merged) if o[key] == item[key]), None)
+            if index is None:
+                merged.append(copy.deepcopy(item))
+            else:
+                merged[index] = _apply_merge(merged[index], item)
+        return merged
+    return copy.deepcopy(applied)
+
+
+def _apply_remove(observed: Any, previous: Any, applied: Any, field: str = "") -> Any:
+    """Drop what the manager applied before and applies no more (it owned those fields; nobody else does here)."""
+    if isinstance(previous, dict) and isinstance(observed, dict):
+        applied = applied if isinstance(applied, dict) else {}
+        result = dict(observed)
+        for key, value in previous.items():
+            if key not in applied:
+                result.pop(key, None)
+            elif key in result:
+                result[key] = _apply_remove(result[key], value, applied[key], key)
+        return result
+    if isinstance(previous, list) and isinstance(observed, list) and isinstance(applied, list) and \
+            (key := _list_key(field, previous, applied, observed)):
+        kept = {item[key] for item in applied}
+        gone = {item[key] for item in previous} - kept
+        before = {item[key]: item for item in previous}
+        after = {item[key]: item for item in applied}
+        return [_apply_remove(item, before[item[key]], after[item[key]]) if item[key] in before and item[key] in after
+                else item for item in observed if item[key] not in gone]
+    return observed
 
 
 def _resource(group: str, version: str, plural: str) -> kmock.resource:
@@ -120,12 +179,14 @@ def _content_type(request: kmock.Request) -> str:
 
 class StrictKubernetesEmulator(kmock.KubernetesEmulator):
     granted: set[tuple[str, str]] | None = None  # (group/resource, verb) the operator's RBAC allows
+    mutate = None  # a callable(kind, obj) that edits a written object in place: a mutating webhook
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._revision = itertools.count(1)
         self._current_revision = 0
         self._history: dict[kmock.resource, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+        self._applied: dict[tuple, dict[str, Any]] = {}  # (object key, field manager) -> its last applied intent
         self._watchers: dict[kmock.resource, list[asyncio.Queue]] = defaultdict(list)
         for (group, version, plural), info in RESOURCES.items():
             self.resources[_resource(group, version, plural)] = kmock.ResourceInfo(verbs=VERBS, **info)
@@ -168,6 +229,8 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
                 result = self._fetch(request)
             elif request.action == enums.action.CREATE:
                 result = self._create(request)
+            elif request.action == enums.action.UPDATE and _content_type(request) == APPLY_PATCH:
+                result = self._apply(request)
             elif request.action == enums.action.UPDATE:
                 result = self._patch(request)
             elif request.action == enums.action.DELETE:
@@ -203,9 +266,61 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
         meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=self._next_revision(),
                     creationTimestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
         self._admit_owner_references(request, obj)
+        self._mutated(request, obj)
         self._store(key, obj)
         self._notify(request.resource, "ADDED", obj)
         return obj
+
+    def _mutated(self, request: kmock.Request, obj: dict[str, Any]) -> dict[str, Any]:
+        if self.mutate is not None and request.resource in self.resources:
+            self.mutate(self.resources[request.resource].kind, obj)
+        return obj
+
+    def _apply(self, request: kmock.Request) -> dict[str, Any]:
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise _fail(400, "BadRequest", "PATCH with apply-patch+yaml requires the fieldManager parameter")
+        if request.subresource or not isinstance(request.data, dict):
+            raise _fail(400, "BadRequest", "apply an object to the main resource")
+        key = (request.resource, request.namespace, request.name)
+        intent = copy.deepcopy(request.data)
+        wanted_version = intent.get("metadata", {}).pop("resourceVersion", None)
+        old = self._live(key)
+        if old is None:
+            if wanted_version:
+                raise _fail(409, "Conflict", "the object has been modified (it is gone)")
+            obj = copy.deepcopy(intent)
+            meta = obj.setdefault("metadata", {})
+            meta["namespace"], meta["name"] = request.namespace, request.name
+            meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=self._next_revision(),
+                        creationTimestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            obj.pop("status", None)
+            self._admit_owner_references(request, obj)
+            self._mutated(request, obj)
+            self._applied[key, manager] = intent
+            self._store(key, obj)
+            self._notify(request.resource, "ADDED", obj)
+            return obj
+        if wanted_version is not None and wanted_version != old["metadata"]["resourceVersion"]:
+            raise _fail(409, "Conflict", "the object has been modified; please apply your changes to the latest version")
+        previous = self._applied.get((key, manager), {})
+        base = _apply_remove(old, {k: v for k, v in previous.items() if k != "status"}, intent)
+        new = self._mutated(request, _apply_merge(base, {k: v for k, v in intent.items() if k != "status"}))
+        for field in ("uid", "creationTimestamp", "generation", "resourceVersion", "namespace", "name"):
+            if field in old["metadata"]:
+                new["metadata"][field] = old["metadata"][field]
+        self._applied[key, manager] = intent
+        if new == old:
+            return old
+        if {k: v for k, v in new.items() if k not in ("metadata", "status")} != \
+                {k: v for k, v in old.items() if k not in ("metadata", "status")}:
+            new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+        if new["metadata"].get("ownerReferences") != old["metadata"].get("ownerReferences"):
+            self._admit_owner_references(request, new)
+        new["metadata"]["resourceVersion"] = self._next_revision()
+        self._store(key, new)
+        self._notify(request.resource, "MODIFIED", new)
+        return new
 
     def _admit_owner_references(self, request: kmock.Request, obj: dict[str, Any]) -> None:
         """OwnerReferencesPermissionEnforcement, for the operator's requests (not the test's own)."""
@@ -264,6 +379,8 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
                 new.pop("status")
         else:
             new = patched
+        if not request.subresource:
+            self._mutated(request, new)
         for field in ("uid", "creationTimestamp", "generation", "resourceVersion", "namespace", "name"):
             if field in old["metadata"]:
                 new.setdefault("metadata", {})[field] = old["metadata"][field]

@@ -126,17 +126,25 @@ async def test_workers_admin_port_takes_a_token_from_an_owned_secret(api, operat
     # The vllm engine has no admin port: no token, and the Secret goes.
     await request(api, "PATCH", f"{BASE}/smollm2", {"spec": {"engine": {"kind": "vllm"}, "resources": {"gpus": 1}}})
     await eventually(lambda: api.get(*SECRET, NS, "smollm2-admin") is None)
-    (worker,) = api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"]["spec"]["containers"]
-    assert "--admin-token-file" not in worker["args"]
+    await eventually(lambda: "--admin-token-file" not in
+                     api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"]["spec"]["containers"][0]["args"])
 
 
 async def test_writes_use_the_right_content_types_and_never_touch_the_spec(api, operator):
     await apply_minimal(api, operator)
     writes = operator_writes(api)
     assert writes
+    children = ("/deployments/", "/services/", "/secrets/", "/poddisruptionbudgets/")
     for write in writes:
-        if write.method.value == "PATCH":
+        if write.method.value == "PATCH" and any(c in write.url.path for c in children) and \
+                write.headers["Content-Type"] == "application/apply-patch+yaml":
+            # Children: server-side apply of the whole intent, as the operator's field manager.
+            assert write.url.query["fieldManager"] == "tideserve-operator" and write.url.query["force"] == "true"
+            assert write.data["apiVersion"] and write.data["kind"] and write.data["metadata"]["name"]
+        elif write.method.value == "PATCH":
+            # Status, and the admin token (kept out of the applied intent).
             assert write.headers["Content-Type"] == "application/merge-patch+json", write
+            assert write.url.path.endswith("/status") or write.url.path.endswith("/secrets/smollm2-admin"), write
             assert isinstance(write.data, dict)
         else:
             assert write.headers["Content-Type"] == "application/json", write
@@ -356,3 +364,43 @@ async def test_owner_references_need_the_finalizers_grant_under_owner_reference_
     degraded = condition(llmd, "Degraded")
     assert degraded.get("status") == "True" and degraded["reason"] == "ApplyRejected", llmd["status"]
     assert "cannot set blockOwnerDeletion" in degraded["message"]
+
+
+def injecting_webhook(kind: str, obj: dict) -> None:
+    """A mutating admission webhook (a service mesh, a policy engine): a sidecar, an env var and a label on every
+    Deployment's pods."""
+    if kind != "Deployment":
+        return
+    template = obj["spec"]["template"]
+    template.setdefault("metadata", {}).setdefault("labels", {})["policy.example/checked"] = "true"
+    containers = template["spec"]["containers"]
+    for container in containers:
+        env = container.setdefault("env", [])
+        if not any(e["name"] == "INJECTED_BY_WEBHOOK" for e in env):
+            env.append({"name": "INJECTED_BY_WEBHOOK", "value": "1"})
+    if not any(c["name"] == "mesh-proxy" for c in containers):
+        containers.append({"name": "mesh-proxy", "image": "mesh/proxy:1"})
+
+
+async def test_a_mutating_webhook_on_deployments_converges_in_one_write_per_change(api, operator):
+    api.mutate = injecting_webhook
+    deployment_path = f"/apis/apps/v1/namespaces/{NS}/deployments/smollm2"
+
+    def deployment_writes() -> int:
+        return len([w for w in operator_writes(api) if w.url.path == deployment_path])
+
+    await apply_minimal(api, operator)
+    await eventually(lambda: len(events(api, "Created")) == 3)
+    assert deployment_writes() == 1
+    await request(api, "PATCH", f"{BASE}/smollm2", {"spec": {"engine": {"maxNumSeqs": 32}}})
+    await eventually(lambda: deployment_writes() == 2)
+    reconciles = operator.memo.stats["reconciles"]
+    # The Deployment's own watch event (the write) reconciles again: it finds nothing to change.
+    await eventually(lambda: operator.memo.stats["reconciles"] > reconciles)
+    await settled(api, operator, "smollm2")
+    assert deployment_writes() == 2
+    pod = api.get("apps", "v1", "deployments", NS, "smollm2")["spec"]["template"]
+    worker, sidecar = pod["spec"]["containers"]
+    assert sidecar["name"] == "mesh-proxy" and {"name": "INJECTED_BY_WEBHOOK", "value": "1"} in worker["env"]
+    assert worker["args"][worker["args"].index("--max-num-seqs") + 1] == "32"
+    assert pod["metadata"]["labels"]["policy.example/checked"] == "true"

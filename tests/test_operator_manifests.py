@@ -127,10 +127,10 @@ def test_pdb_only_with_more_than_one_replica():
     assert manifests.build_pod_disruption_budget(llmd(replicas=2))["spec"]["maxUnavailable"] == 1
 
 
-# ---- the three-way patch -------------------------------------------------------------------------------
+# ---- when to apply --------------------------------------------------------------------------------------
 
 def applied(desired: dict) -> dict:
-    """The object as the API server would hold it after creating `desired` (plus server-set fields)."""
+    """The object as the API server would hold it after applying `desired` (plus server-set fields)."""
     observed = patching.with_last_applied(desired)
     observed = copy.deepcopy(observed)
     observed["metadata"].update(resourceVersion="7", uid="child-uid")
@@ -141,37 +141,45 @@ def applied(desired: dict) -> dict:
     return observed
 
 
-def test_unchanged_object_needs_no_patch_despite_server_defaults():
+def test_unchanged_object_needs_no_apply_despite_server_defaults():
     desired = manifests.build_deployment(llmd(), CONFIG)
-    assert patching.child_patch(desired, applied(desired)) == {}
+    assert not patching.needs_apply(desired, applied(desired))
 
 
-def test_replicas_change_patches_only_replicas():
+def test_what_a_mutating_webhook_adds_is_not_drift():
     desired = manifests.build_deployment(llmd(), CONFIG)
     observed = applied(desired)
-    patch = patching.child_patch(manifests.build_deployment(llmd(replicas=4), CONFIG), observed)
-    assert patch["spec"] == {"replicas": 4}
-    assert set(patch["metadata"]) == {"annotations"}  # only the refreshed record
+    pod = observed["spec"]["template"]["spec"]
+    pod["containers"][0]["env"] = [*pod["containers"][0].get("env", []), {"name": "INJECTED", "value": "1"}]
+    pod["containers"].insert(0, {"name": "mesh-proxy", "image": "proxy:1"})  # a sidecar, even first
+    observed["spec"]["template"]["metadata"]["labels"]["policy.example/checked"] = "true"
+    assert not patching.needs_apply(desired, observed)
 
 
-def test_removed_fields_are_deleted_and_foreign_ones_kept():
+def test_replicas_change_is_an_apply_that_reports_replicas():
+    desired = manifests.build_deployment(llmd(), CONFIG)
+    observed = applied(desired)
+    wanted = manifests.build_deployment(llmd(replicas=4), CONFIG)
+    assert patching.needs_apply(wanted, observed)
+    assert patching.changed_paths(wanted, observed) == ["spec.replicas"]
+
+
+def test_a_dropped_field_is_a_new_intent_even_though_nothing_drifted():
     before = llmd()
     before["spec"]["pod"] = {"labels": {"team": "a"}, "priorityClassName": "high"}
     observed = applied(manifests.build_deployment(before, CONFIG))
-    observed["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] = "now"
-    patch = patching.child_patch(manifests.build_deployment(llmd(), CONFIG), observed)
-    template = patch["spec"]["template"]
-    assert template["metadata"]["labels"] == {"team": None}
-    assert template["spec"]["priorityClassName"] is None
-    assert "annotations" not in template["metadata"]  # the restart annotation is someone else's
+    wanted = manifests.build_deployment(llmd(), CONFIG)
+    assert patching.matches({"spec": wanted["spec"]}, observed)  # the observed object holds all that is wanted
+    assert patching.needs_apply(wanted, observed)  # but the server must drop what the operator applied before
+    assert patching.changed_paths(wanted, observed) == ["spec.template"]
 
 
 def test_drift_is_corrected():
     desired = manifests.build_deployment(llmd(), CONFIG)
     observed = applied(desired)
     observed["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
-    patch = patching.child_patch(desired, observed)
-    assert patch["spec"]["template"]["spec"]["containers"] == desired["spec"]["template"]["spec"]["containers"]
+    assert patching.needs_apply(desired, observed)
+    assert patching.changed_paths(desired, observed) == ["spec.template.spec"]
 
 
 def test_quantities_compare_by_value():
