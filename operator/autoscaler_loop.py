@@ -241,10 +241,13 @@ class DeploymentLoop:
         interval = float(spec["autoscaling"]["intervalSeconds"])
         if validate(llmd):
             return interval  # reconcile reports InvalidSpec; nothing to decide on
-        if not await self._ensure_policy(llmd):
-            return interval
         gate = self.autoscaler.peering_gate
         if gate is not None and not await gate.allows(self.namespace):
+            # A standby keeps no learned state of its own: when it takes over it reads what the active operator
+            # saved, and it can never save (save() needs a policy) what it knew when it started over that.
+            self.policy = None
+            return interval
+        if not await self._ensure_policy(llmd):
             return interval
         now = time.time()
         pods = [p for p in await self._owned_pods() if not source.is_terminating(p)]

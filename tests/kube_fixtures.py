@@ -129,6 +129,7 @@ RESOURCES = {
     ("", "v1", "events"): dict(kind="Event", namespaced=True, subresources=set()),
     ("", "v1", "configmaps"): dict(kind="ConfigMap", namespaced=True, subresources=set()),
     ("", "v1", "namespaces"): dict(kind="Namespace", namespaced=False, subresources={"status"}),
+    ("kopf.dev", "v1", "clusterkopfpeerings"): dict(kind="ClusterKopfPeering", namespaced=False, subresources=set()),
     ("apiextensions.k8s.io", "v1", "customresourcedefinitions"): dict(kind="CustomResourceDefinition", namespaced=False, subresources={"status"}),
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}

@@ -26,9 +26,11 @@ from conftest import free_port
 from kube_fixtures import RunningOperator, api, eventually, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
 from test_chart import CRD_DISCOVERY, WORKLOAD
 from tideserve.operator import autoscaler_state
-from tideserve.operator.autoscaler_loop import AutoscalerOptions, DELETION_COST_ANNOTATION
+from tideserve.autoscaler.policy import TideservePolicy
+from tideserve.autoscaler.spec import policy_config
+from tideserve.operator.autoscaler_loop import DELETION_COST_ANNOTATION, AutoscalerOptions, PeeringSettings
 from tideserve.operator.manifests import object_labels
-from tideserve.operator.resource import schema_errors
+from tideserve.operator.resource import defaulted, schema_errors
 from tideserve.worker.metrics import EngineMetrics
 
 pytestmark = pytest.mark.asyncio
@@ -465,6 +467,46 @@ async def test_an_operator_restart_keeps_the_learned_seasonal_profile(api, tmp_p
     finally:
         await second.shutdown()
     assert requests_as_rbac(api) <= WORKLOAD | CRD_DISCOVERY, requests_as_rbac(api) - (WORKLOAD | CRD_DISCOVERY)
+
+
+async def test_a_standby_that_takes_over_reloads_the_learned_state_before_writing_any(api, tmp_path, fake_pods):
+    peering = "/apis/kopf.dev/v1/clusterkopfpeerings"
+
+    async def peers(lastseen: str) -> None:
+        body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "tideserve"},
+                "status": {"active-operator": {"priority": 100, "lifetime": 60, "lastseen": lastseen}}}
+        if api.get("kopf.dev", "v1", "clusterkopfpeerings", None, "tideserve") is None:
+            await request(api, "POST", peering, body, content_type="application/json")
+        else:
+            await request(api, "PATCH", f"{peering}/tideserve", {"status": body["status"]})
+
+    await peers(now_iso())  # another operator, with a higher priority, is alive and acting
+    a = await fake_pods.add("chat-a")
+    a.load = 20
+    await add_pod(api, "chat-a", a)
+    standby = await RunningOperator(write_kubeconfig(tmp_path / "kubeconfig", str(api.url)), AutoscalerOptions(
+        state_save_interval_s=0.2, peering=PeeringSettings("tideserve", "standby", priority=0))).start()
+    try:
+        llmd = await create(api, llmdeployment())
+        loop = await eventually(lambda: standby.memo.autoscaler.loops.get((NS, NAME)))
+        await asyncio.sleep(2.5)  # a few intervals as a standby
+        assert loop.policy is None and not spec_writes(api)
+        # Meanwhile the active operator saved what it learned.
+        learned = TideservePolicy(policy_config(defaulted(llmd)["spec"]))
+        learned.startup_s = 777.0
+        await request(api, "POST", f"/api/v1/namespaces/{NS}/configmaps",
+                      autoscaler_state.state_configmap(llmd, autoscaler_state.dumps(learned.state_dict())),
+                      content_type="application/json")
+        await peers("2020-01-01T00:00:00Z")  # it died: the standby takes over
+        taken = await eventually(lambda: loop.policy is not None and loop.memory.loaded and loop.policy)
+        assert 700 < taken.startup_s <= 777.0  # the saved state, not the one it had when it started
+    finally:
+        await standby.shutdown()
+    configmap_writes = [w for w in api.writes() if "/configmaps" in w.url.path
+                        and not w.headers.get("User-Agent", "").startswith("kmock/")]
+    for write in configmap_writes:  # whatever it saved after taking over builds on the loaded state
+        saved = autoscaler_state.loads(write.data["data"][autoscaler_state.STATE_KEY])
+        assert saved["startup_s"] > 700
 
 
 async def test_advisory_only_reports_then_off_removes_the_loop_and_deletion_is_not_blocked(api, operator, fake_pods):
