@@ -443,8 +443,16 @@ class ConflictingKube:
     def create(self, path, body):
         return {**body, "metadata": {**body["metadata"], "uid": "c", "resourceVersion": "1"}}
 
+    def apply(self, path, body, field_manager):
+        if "/deployments/" in path:
+            self.deployment = {**body, "metadata": {**body["metadata"], "uid": "d", "resourceVersion": "4"}}
+            return self.deployment
+        return self.create(path, body)
+
     def merge_patch(self, path, patch):
         self.patches.append((path, patch))
+        if "/secrets/" in path:  # the admin token
+            return {"metadata": {"resourceVersion": "2"}, **patch}
         if path.endswith("/status"):
             if self.conflicts:
                 self.conflicts -= 1

@@ -340,17 +340,20 @@ class TideservePolicy:
 
     def _explain(self, current, target, old: BatchLimits, new: BatchLimits, demand, capacity, mix_shift):
         note = "; query-mix shift detected" if mix_shift else ""
+        limits = "" if new == old else (
+            f"batch limits {old.max_num_seqs}/{old.max_num_batched_tokens} -> {new.max_num_seqs}/"
+            f"{new.max_num_batched_tokens} (max_num_seqs/tokens per step): TPOT stays within "
+            f"{self.config.tpot.target_s * 1000:.0f} ms")
+        also = f"; {limits}" if limits else ""  # a replica change that also retunes the limits says both
         if target > current:
             return (f"scale up {current}->{target}: demand {demand:.2f} req/s, {capacity.rate:.2f} req/s per "
-                    f"replica ({capacity.limited_by}-bound), tail pressure {self._smoothed_pressure:.2f}{note}",
+                    f"replica ({capacity.limited_by}-bound), tail pressure {self._smoothed_pressure:.2f}{also}{note}",
                     "scale-up")
         if target < current:
             return (f"scale down {current}->{target}: demand {demand:.2f} req/s fits {target} replicas at "
-                    f"{capacity.rate:.2f} req/s each{note}", "scale-down")
-        if new != old:
-            return (f"batch limits {old.max_num_seqs}/{old.max_num_batched_tokens} -> "
-                    f"{new.max_num_seqs}/{new.max_num_batched_tokens} (max_num_seqs/tokens per step): TPOT stays "
-                    f"within {self.config.tpot.target_s * 1000:.0f} ms{note}", "batch-limit")
+                    f"{capacity.rate:.2f} req/s each{also}{note}", "scale-down")
+        if limits:
+            return f"{limits}{note}", "batch-limit"
         return f"hold at {current}: demand {demand:.2f} req/s within capacity{note}", "hold"
 
     def _predicted_attainment(self, rate_per_replica: float, mix: QueryMix, limits: BatchLimits) -> float:
