@@ -22,7 +22,6 @@ has a priority at least as high as this operator's (kopf's own rule, read from t
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import logging
 import time
@@ -37,6 +36,7 @@ from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
 from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator
 from tideserve.autoscaler.spec import autoscaling_mode, initial_batch_limits, policy_config
+from tideserve.operator.admin_token import AdminKey
 from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, manifests, metrics_source as source
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
 from tideserve.operator.manifests import is_owned_by, label_selector
@@ -161,7 +161,6 @@ class DeploymentLoop:
         self.gone = False
         self.task: asyncio.Task | None = None
         self.ticks = 0
-        self._admin_token: str | None = None
 
     @property
     def kube(self):
@@ -276,7 +275,7 @@ class DeploymentLoop:
                            and llmd.get("status", {}).get("autoscaling", {}).get("batchLimits")):
             # The limits the pods should run (after active -> advisory: the spec's again), to every pod that
             # reports others (a new pod), and to all ready pods when they change now.
-            await self._push_limits(ready, collected, chosen, everyone=chosen != current)
+            await self._push_limits(llmd, ready, collected, chosen, everyone=chosen != current)
         # The reasoning goes to status first, so that reconcile finds it when it carries the new replicas to the
         # Deployment (status.lastScalingDecision, the Scaled event).
         llmd = await self._write_status(llmd, decision, obs, mode, chosen if runs_limits else None, _utc(now))
@@ -321,10 +320,11 @@ class DeploymentLoop:
 
     # --- actuation ------------------------------------------------------------------------------------------
 
-    async def _push_limits(self, ready: list[dict[str, Any]], collected: source.Collected,
+    async def _push_limits(self, llmd: dict[str, Any], ready: list[dict[str, Any]], collected: source.Collected,
                            limits: dict[str, int], everyone: bool = False) -> None:
         """PUT the limits to every ready pod that reports running others; with `everyone`, also to the pods
-        whose metrics could not be read."""
+        whose metrics could not be read. A pod that refuses the current key's token gets the previous key's
+        (its Secret volume is not synced yet)."""
         want = (limits["maxNumSeqs"], limits["maxNumBatchedTokens"])
 
         def needs(pod: dict[str, Any]) -> bool:
@@ -336,33 +336,20 @@ class DeploymentLoop:
             return
         client = await self.autoscaler.http()
         timeout_s = self.autoscaler.options.scrape_timeout_s
-
-        async def push(pods: list[dict[str, Any]], refresh: bool) -> list[str | None]:
-            token = await self._read_admin_token(refresh)
-            return await asyncio.gather(*(source.put_batch_limits(client, pod, *want, timeout_s, token) for pod in pods))
-
-        results = await push(targets, refresh=self._admin_token is None)
-        refused = [i for i, error in enumerate(results) if error == source.UNAUTHORIZED]
-        if refused:  # the Secret was replaced since it was read: read it again, once
-            for i, error in zip(refused, await push([targets[i] for i in refused], refresh=True)):
+        tokens = self.autoscaler.admin_key.tokens(self.namespace, self.name, llmd["metadata"]["uid"])
+        results: list[str | None] = [source.UNAUTHORIZED] * len(targets)
+        for token in tokens:
+            refused = [i for i, error in enumerate(results) if error == source.UNAUTHORIZED]
+            if not refused:
+                break
+            pushed = await asyncio.gather(*(source.put_batch_limits(client, targets[i], *want, timeout_s, token)
+                                            for i in refused))
+            for i, error in zip(refused, pushed):
                 results[i] = error
         failed = [(pod["metadata"]["name"], error) for pod, error in zip(targets, results) if error]
         for pod, error in failed:
             log.warning("%s/%s: batch limits not applied to pod %s: %s", self.namespace, self.name, pod, error)
         self.autoscaler.metrics.pushed(self.namespace, self.name, len(targets) - len(failed), len(failed))
-
-    async def _read_admin_token(self, refresh: bool) -> str | None:
-        """The workers' admin bearer token from the Secret NAME-admin that reconcile keeps (cached)."""
-        if refresh:
-            try:
-                secret = await asyncio.to_thread(self.kube.get, children(self.namespace, self.name)["Secret"].path)
-            except ApiException as exc:
-                log.warning("%s/%s: cannot read the admin token: %s %s", self.namespace, self.name, exc.status,
-                            exc.reason)
-                return self._admin_token
-            encoded = ((secret or {}).get("data") or {}).get(manifests.ADMIN_TOKEN_KEY)
-            self._admin_token = base64.b64decode(encoded).decode() if encoded else None
-        return self._admin_token
 
     async def _mark_drain(self, pods: list[dict[str, Any]], drain: list[str]) -> None:
         """Lowest deletion cost on the pods chosen to go; marks from earlier decisions are taken back."""
@@ -466,7 +453,7 @@ class DeploymentLoop:
         spec = dict(zip(("maxNumSeqs", "maxNumBatchedTokens"), initial_batch_limits(llmd["spec"])))
         if limits and limits != spec and llmd["spec"]["engine"]["kind"] == "tideserve":
             pods = await self._owned_pods()
-            await self._push_limits([p for p in pods if source.is_ready(p)], source.Collected({}, {}, {}), spec,
+            await self._push_limits(llmd, [p for p in pods if source.is_ready(p)], source.Collected({}, {}, {}), spec,
                                     everyone=True)
 
         def build(current: dict[str, Any]) -> dict[str, Any]:
@@ -528,10 +515,13 @@ class DeploymentLoop:
 
 
 class Autoscaler:
-    """The supervisor: one DeploymentLoop per LLMDeployment that wants one; shared HTTP client and metrics."""
+    """The supervisor: one DeploymentLoop per LLMDeployment that wants one; shared HTTP client, admin key and
+    metrics."""
 
-    def __init__(self, kube, options: AutoscalerOptions | None = None, metrics: AutoscalerMetrics | None = None):
+    def __init__(self, kube, admin_key: AdminKey, options: AutoscalerOptions | None = None,
+                 metrics: AutoscalerMetrics | None = None):
         self.kube = kube
+        self.admin_key = admin_key
         self.options = options or AutoscalerOptions()
         self.metrics = metrics or AutoscalerMetrics()
         self.loops: dict[tuple[str, str], DeploymentLoop] = {}

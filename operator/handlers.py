@@ -14,6 +14,9 @@
   because those put a finalizer on the object. kopf's cleanup stops every loop, each saving what its policy
   learned.
 
+- The admin key (admin_token.py) is checked for a change every KEY_CHECK_SECONDS; a new key reconciles every
+  LLMDeployment seen so far, which rewrites its NAME-admin Secret with the new token.
+
 No finalizer: the children are deleted by garbage collection through their owner references.
 """
 
@@ -28,6 +31,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from tideserve.operator import kube as kube_mod, reconcile as reconcile_mod
+from tideserve.operator.admin_token import AdminKey
 from tideserve.operator.autoscaler_loop import Autoscaler, AutoscalerOptions
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
 from tideserve.operator.manifests import MANAGED_BY, MANAGED_BY_LABEL, SELECTOR_LABEL
@@ -41,6 +45,7 @@ OWNED = [("apps", "v1", "deployments"), ("", "v1", "services"), ("policy", "v1",
          ("", "v1", "pods")]
 MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 CONFLICT_RETRIES = 3  # a 409 means another writer got in between: re-read and go again at once
+KEY_CHECK_SECONDS = 10.0  # the kubelet syncs a mounted Secret within about a minute; one stat per check
 
 
 @kopf.on.startup(registry=registry)
@@ -68,25 +73,41 @@ def reconciles_probe(memo: kopf.Memo, **_: Any) -> int:
 
 @kopf.on.cleanup(registry=registry)
 async def stop_autoscaling(memo: kopf.Memo, **_: Any) -> None:
+    for task in memo.background:
+        task.cancel()
+    await asyncio.gather(*memo.background, return_exceptions=True)
     await memo.autoscaler.shutdown()
 
 
-def new_memo(kube_configuration, config, autoscaler_options: AutoscalerOptions | None = None,
+async def _rotate_on_key_change(memo: kopf.Memo) -> None:
+    while True:
+        await asyncio.sleep(KEY_CHECK_SECONDS)
+        if not memo.admin_key.refresh():
+            continue
+        for namespace, name in sorted(memo.known):
+            try:
+                await run_reconcile(memo, namespace, name)
+            except Exception:  # the next event of that object, or the next key check, retries
+                log.exception("%s/%s: rewriting the admin token after a key change", namespace, name)
+
+
+def new_memo(kube_configuration, config, admin_key: AdminKey, autoscaler_options: AutoscalerOptions | None = None,
              metrics: AutoscalerMetrics | None = None) -> kopf.Memo:
-    """Everything the handlers share: API credentials, the client, image settings, per-object locks, counters,
-    the autoscaler's supervisor. kopf gives each object a shallow copy of this memo, so shared state lives in
-    mutable containers."""
+    """Everything the handlers share: API credentials, the client, image settings, the admin key, per-object
+    locks, counters, the LLMDeployments seen, the autoscaler's supervisor. kopf gives each object a shallow copy
+    of this memo, so shared state lives in mutable containers."""
     kube = kube_mod.KubeClient(kube_configuration)
-    return kopf.Memo(kube_configuration=kube_configuration, kube=kube, config=config,
-                     locks=collections.defaultdict(asyncio.Lock), stats=collections.Counter(),
-                     autoscaler=Autoscaler(kube, autoscaler_options, metrics))
+    return kopf.Memo(kube_configuration=kube_configuration, kube=kube, config=config, admin_key=admin_key,
+                     locks=collections.defaultdict(asyncio.Lock), stats=collections.Counter(), known=set(),
+                     background=[], autoscaler=Autoscaler(kube, admin_key, autoscaler_options, metrics))
 
 
 async def run_reconcile(memo: kopf.Memo, namespace: str, name: str) -> None:
     async with memo.locks[(namespace, name)]:
         for attempt in range(CONFLICT_RETRIES):
             try:
-                events = await asyncio.to_thread(reconcile_mod.reconcile, memo.kube, memo.config, namespace, name)
+                events = await asyncio.to_thread(reconcile_mod.reconcile, memo.kube, memo.config,
+                                                memo.admin_key, namespace, name)
                 break
             except ApiException as exc:
                 if exc.status == 409 and attempt + 1 < CONFLICT_RETRIES:
@@ -118,6 +139,11 @@ async def llmdeployment_event(event: dict[str, Any], namespace: str, name: str, 
     deleted = event["type"] == "DELETED"
     if deleted:
         memo.locks.pop((namespace, name), None)
+        memo.known.discard((namespace, name))
+    else:
+        memo.known.add((namespace, name))
+    if not memo.background:  # started here, not at startup, to inherit kopf's context (kopf.event needs it)
+        memo.background.append(asyncio.get_running_loop().create_task(_rotate_on_key_change(memo)))
     memo.autoscaler.sync(namespace, name, event.get("object"), deleted=deleted)
 
 

@@ -82,8 +82,10 @@ class KubeClient:
     def list(self, path: str, label_selector: str) -> list[dict[str, Any]]:
         return self.request("GET", path, query={"labelSelector": label_selector})["items"]
 
-    def create(self, collection_path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", collection_path, body=body, content_type=JSON)
+    def create(self, collection_path: str, body: dict[str, Any], field_manager: str | None = None) -> dict[str, Any]:
+        """POST: fails with 409 when an object of that name exists."""
+        query = {"fieldManager": field_manager} if field_manager else None
+        return self.request("POST", collection_path, query=query, body=body, content_type=JSON)
 
     def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
@@ -94,8 +96,9 @@ class KubeClient:
         return self.request("PATCH", path, query={"fieldManager": field_manager, "force": "true"},
                             body=body, content_type=APPLY_PATCH)
 
-    def delete(self, path: str, uid: str, resource_version: str) -> None:
-        """Delete exactly the object that was observed: a recreated or changed one fails with 409."""
+    def delete(self, path: str, uid: str, resource_version: str | None = None) -> None:
+        """Delete exactly the object that was observed (a recreated one, or with a resource version a changed
+        one, fails with 409)."""
+        preconditions = {"uid": uid} | ({"resourceVersion": resource_version} if resource_version else {})
         self.request("DELETE", path, content_type=JSON, body={
-            "apiVersion": "v1", "kind": "DeleteOptions",
-            "preconditions": {"uid": uid, "resourceVersion": resource_version}})
+            "apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions})

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority", type=peering_priority, default=0,
                         help="peering priority: an integer (the highest one acts, others pause; replicas that share "
                              "the highest all pause), or 'oldest': the replica that started first acts")
+    parser.add_argument("--admin-key-file", metavar="PATH",
+                        help="the key each LLMDeployment's worker admin token is derived from (a mounted Secret, read "
+                             "again when it changes); without it a random key that lasts as long as this process")
     parser.add_argument("--liveness-endpoint", default=DEFAULT_LIVENESS, help="health endpoint URL to serve ('' to disable)")
     parser.add_argument("--worker-image", default=defaults.tideserve_image, help="image for engine.kind tideserve")
     parser.add_argument("--vllm-image", default=defaults.vllm_image, help="image for engine.kind vllm")
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
     import prometheus_client
 
+    from tideserve.operator.admin_token import AdminKey
     from tideserve.operator.autoscaler_loop import AutoscalerOptions, PeeringSettings
     from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
     from tideserve.operator.handlers import new_memo, registry
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         prometheus_client.start_http_server(args.metrics_port, registry=metrics.registry)
     kopf.run(
         registry=registry,
-        memo=new_memo(load_configuration(args.kubeconfig), config, options, metrics),
+        memo=new_memo(load_configuration(args.kubeconfig), config, AdminKey(args.admin_key_file), options, metrics),
         identity=identity,
         clusterwide=not args.namespaces,
         namespaces=args.namespaces,

@@ -7,6 +7,7 @@ patching.py, which remembers what was applied last.
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -305,7 +306,9 @@ def _pod_spec(llmd: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
     return pod_spec
 
 
-def build_deployment(llmd: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
+def build_deployment(llmd: dict[str, Any], config: OperatorConfig,
+                     annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """`annotations`: of the Deployment itself (which admin token its pods' Secret holds), not of its pods."""
     spec = llmd["spec"]
     name = llmd["metadata"]["name"]
     pod = spec.get("pod", {})
@@ -318,7 +321,7 @@ def build_deployment(llmd: dict[str, Any], config: OperatorConfig) -> dict[str, 
     return _owned({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(llmd),
+        "metadata": _metadata(llmd, annotations),
         "spec": {
             "replicas": spec["replicas"],
             "selector": {"matchLabels": selector_labels(name)},
@@ -352,10 +355,9 @@ def admin_secret_name(name: str) -> str:
     return f"{name}-admin"
 
 
-def build_admin_secret(llmd: dict[str, Any]) -> dict[str, Any] | None:
+def build_admin_secret(llmd: dict[str, Any], token: str) -> dict[str, Any] | None:
     """The Secret that holds the bearer token of the tideserve workers' admin port (live batch limits), which
-    every pod mounts and the autoscaler sends. Its data is not part of the desired state: the operator writes a
-    random token when it creates the Secret (or finds the key gone), and keeps it out of the last-applied record."""
+    every pod mounts (the autoscaler derives the same token: operator/admin_token.py). None for vLLM workers."""
     if llmd["spec"]["engine"]["kind"] != "tideserve":
         return None
     return _owned({
@@ -363,6 +365,7 @@ def build_admin_secret(llmd: dict[str, Any]) -> dict[str, Any] | None:
         "kind": "Secret",
         "metadata": {**_metadata(llmd), "name": admin_secret_name(llmd["metadata"]["name"])},
         "type": "Opaque",
+        "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
     }, llmd)
 
 

@@ -9,16 +9,14 @@ written with server-side apply (patching.FIELD_MANAGER), so what a mutating webh
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from tideserve.operator import manifests, patching, status as status_mod
+from tideserve.operator import admin_token, manifests, patching, status as status_mod
 from tideserve.operator.resource import GROUP, PLURAL, VERSION, defaulted
 from tideserve.operator.status import Problem
 from tideserve.operator.validation import validate
@@ -65,7 +63,7 @@ def _with_precondition(patch: dict[str, Any], observed: dict[str, Any]) -> dict[
                                   "resourceVersion": observed["metadata"]["resourceVersion"]}}
 
 
-def reconcile(kube, config: manifests.OperatorConfig, namespace: str, name: str,
+def reconcile(kube, config: manifests.OperatorConfig, admin_key: admin_token.AdminKey, namespace: str, name: str,
               now: datetime.datetime | None = None) -> list[Event]:
     """Converge one LLMDeployment; returns the events to post on it. Raises ApiException on API errors that
     are worth retrying (conflicts, server errors, throttling)."""
@@ -80,14 +78,26 @@ def reconcile(kube, config: manifests.OperatorConfig, namespace: str, name: str,
     deployment = kube.get(paths["Deployment"].path)
     decision = None
     if not problems:
-        desired = {"Secret": manifests.build_admin_secret(llmd),
-                   "Deployment": manifests.build_deployment(llmd, config),
+        try:
+            secret, event, problem = _converge_admin_secret(kube, llmd, paths["Secret"], deployment, admin_key)
+        except ApiException as exc:
+            if exc.status not in REJECTED:
+                raise
+            secret, event, problem = None, None, Problem("ApplyRejected", f"Secret {paths['Secret'].path.rsplit('/', 1)[1]}: "
+                                                                          f"{exc.status} {_api_message(exc)}")
+        events += [event] if event else []
+        problems += [problem] if problem else []
+        annotations = {admin_token.TOKEN_ANNOTATION: " ".join(secret)} if secret else None
+        desired = {"Deployment": manifests.build_deployment(llmd, config, annotations),
                    "Service": manifests.build_service(llmd),
                    "PodDisruptionBudget": manifests.build_pod_disruption_budget(llmd)}
-        for kind, child in paths.items():
+        if problem is not None:  # pods must not start against a Secret that is not this deployment's
+            del desired["Deployment"]
+        for kind, child_desired in desired.items():
+            child = paths[kind]
             observed = deployment if kind == "Deployment" else kube.get(child.path)
             try:
-                result, event, decision_here = _converge_child(kube, llmd, child, desired[kind], observed, now)
+                result, event, decision_here = _converge_child(kube, llmd, child, child_desired, observed, now)
             except ApiException as exc:
                 if exc.status not in REJECTED:
                     raise
@@ -151,9 +161,6 @@ def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, ob
         updated = kube.apply(child.path, body, patching.FIELD_MANAGER)
     else:
         updated = observed
-    if child.kind == "Secret" and not (updated.get("data") or {}).get(manifests.ADMIN_TOKEN_KEY):
-        # A merge patch, not part of the applied intent: later applies (which never carry the token) leave it be.
-        updated = kube.merge_patch(child.path, _with_precondition({"data": _new_admin_token()}, updated))
     if observed is None:
         return updated, Event("Normal", "Created", f"{child.kind} {name} created"), None
     if updated is observed:
@@ -166,13 +173,49 @@ def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, ob
         if changed:
             message += f"; also updated {', '.join(changed)}"
         return updated, Event("Normal", "Scaled", message), decision
-    what = ", ".join(changed) or ("admin token" if child.kind == "Secret" else "bookkeeping annotation")
+    what = ", ".join(changed) or "bookkeeping annotation"
     return updated, Event("Normal", "Updated", f"{child.kind} {name} updated: {what}"), None
 
 
-def _new_admin_token() -> dict[str, str]:
-    token = secrets.token_urlsafe(32)
-    return {manifests.ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()}
+def _converge_admin_secret(kube, llmd, child: Child, deployment: dict[str, Any] | None,
+                           admin_key: admin_token.AdminKey):
+    """Write the Secret NAME-admin without ever reading a Secret: the owned Deployment's TOKEN_ANNOTATION says
+    which Secret (uid) holds which token (digest), and the Secret is applied only when the key's token differs.
+    Returns ((Secret uid, token digest) to record, or None; an event or None; a Problem or None)."""
+    if deployment is not None and not manifests.is_owned_by(deployment, llmd):
+        return None, None, None  # the Deployment's NameConflict is reported; its pods are someone else's
+    meta = llmd["metadata"]
+    secret_name = child.path.rsplit("/", 1)[1]
+    record = admin_token.recorded(((deployment or {}).get("metadata", {}).get("annotations") or {})
+                                  .get(admin_token.TOKEN_ANNOTATION))
+    token = admin_key.token(meta["namespace"], meta["name"], meta["uid"])
+    desired = manifests.build_admin_secret(llmd, token)
+    if desired is None:
+        if record is None:
+            return None, None, None
+        try:  # only the Secret this operator wrote: a same-named one created since has another uid (409)
+            kube.delete(child.path, uid=record[0])
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+            return None, None, None
+        return None, Event("Normal", "Deleted", f"Secret {secret_name} deleted"), None
+    digest = admin_token.token_digest(token)
+    if record is not None and record[1] == digest:
+        return record, None, None
+    # No last-applied record: it would put the token into metadata. Without a record, create: that fails (409)
+    # rather than write into a Secret that exists. Then apply, which a same-named Secret with another controller
+    # refuses (two controller references: 422).
+    if record is None:
+        try:
+            created = kube.create(child.collection, desired, patching.FIELD_MANAGER)
+            return (created["metadata"]["uid"], digest), Event("Normal", "Created", f"Secret {secret_name} created"), None
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    applied = kube.apply(child.path, desired, patching.FIELD_MANAGER)
+    return (applied["metadata"]["uid"], digest), \
+        Event("Normal", "Updated", f"Secret {secret_name} updated: the admin token of the current admin key"), None
 
 
 def _api_message(exc: ApiException) -> str:

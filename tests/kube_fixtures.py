@@ -22,7 +22,9 @@ behaves, so that a mistake fails here instead of in a cluster:
 - an optional mutating step (`mutate`) changes objects after every write, as a mutating admission webhook does;
 - PUT is refused (405): the operator never replaces whole objects;
 - OwnerReferencesPermissionEnforcement admission: an owner reference with blockOwnerDeletion is refused (403)
-  unless the caller's RBAC (the chart's own rules, given as `granted`) allows update on the owner's finalizers.
+  unless the caller's RBAC (the chart's own rules, given as `granted`) allows update on the owner's finalizers;
+  more than one controller owner reference is invalid (422);
+- RBAC: an operator request the chart's rules (`granted`) do not allow is refused (403), e.g. any read of a Secret.
 
 Not emulated: server-side defaulting and schema/CEL validation (tests/test_crd.py covers the schema),
 other admission, the Deployment/ReplicaSet controllers and the scheduler (tests drive their effects through the
@@ -37,6 +39,8 @@ import datetime
 import functools
 import itertools
 import json
+import pathlib
+import secrets
 import threading
 import uuid
 from collections import defaultdict
@@ -46,11 +50,13 @@ import aiohttp.web
 import jsonpatch
 import kmock
 import kopf
+import pytest
 import pytest_asyncio
 from kmock._internal import enums
 
 from kube_tools import render, rules_by_kind
 from tideserve.operator import handlers
+from tideserve.operator.admin_token import AdminKey
 from tideserve.operator.autoscaler_loop import AutoscalerOptions
 from tideserve.operator.kube import load_configuration
 from tideserve.operator.manifests import OperatorConfig
@@ -220,7 +226,16 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
 
     # ---- request handling -------------------------------------------------------------------------------
 
+    def _authorize(self, request: kmock.Request) -> None:
+        """RBAC, for the operator's requests (not the test's own): what the chart does not grant is refused."""
+        asked = rbac_request(request)
+        if self.granted is not None and asked is not None and asked not in self.granted:
+            resource, verb = asked
+            raise _fail(403, "Forbidden", f'{resource} is forbidden: User "system:serviceaccount:tideserve:tideserve" '
+                                          f'cannot {verb} resource {resource!r}')
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        self._authorize(request)
         if request.resource is None or request.action in (enums.action.LIST, enums.action.WATCH):
             return await super()._handle(request)
         if request.method == enums.method.PUT:
@@ -324,7 +339,11 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
         return new
 
     def _admit_owner_references(self, request: kmock.Request, obj: dict[str, Any]) -> None:
-        """OwnerReferencesPermissionEnforcement, for the operator's requests (not the test's own)."""
+        """Validation (one controller reference at most), then OwnerReferencesPermissionEnforcement, for the
+        operator's requests (not the test's own)."""
+        if sum(1 for ref in obj.get("metadata", {}).get("ownerReferences", []) if ref.get("controller")) > 1:
+            raise _fail(422, "Invalid", "metadata.ownerReferences: Invalid value: only one reference can have "
+                                        "Controller set to true")
         if self.granted is None or request.headers.get("User-Agent", "").startswith("kmock/"):
             return
         for ref in obj.get("metadata", {}).get("ownerReferences", []):
@@ -504,9 +523,12 @@ def write_kubeconfig(path, server: str) -> str:
 
 
 @functools.cache
-def chart_rbac() -> frozenset[tuple[str, str]]:
-    """What the chart's cluster-wide install grants the operator's ServiceAccount."""
-    return frozenset(rules_by_kind(render(["--set", "clusterWide=true"]), "ClusterRole")[""])
+def chart_rbac(*values: str) -> frozenset[tuple[str, str]]:
+    """What the chart's cluster-wide install (with these `--set` values) grants the operator's ServiceAccount."""
+    args = ["--set", "clusterWide=true"]
+    for value in values:
+        args += ["--set", value]
+    return frozenset(rules_by_kind(render(args), "ClusterRole")[""])
 
 
 @pytest_asyncio.fixture
@@ -523,8 +545,14 @@ class RunningOperator:
     its loop that it did not see at startup, which must not hit the test's tasks or the emulator's."""
 
     def __init__(self, kubeconfig: str, autoscaler_options: AutoscalerOptions | None = None):
+        # The admin key file next to the kubeconfig, as the chart mounts one: an operator restarted in the same
+        # test directory keeps the key (and so every token).
+        self.admin_key_file = pathlib.Path(kubeconfig).parent / "admin-key"
+        if not self.admin_key_file.exists():
+            self.admin_key_file.write_text(secrets.token_hex(32))
         self.memo = handlers.new_memo(load_configuration(kubeconfig),
-                                      OperatorConfig(tideserve_image="tideserve-worker:test"), autoscaler_options)
+                                      OperatorConfig(tideserve_image="tideserve-worker:test"),
+                                      AdminKey(str(self.admin_key_file)), autoscaler_options)
         self.stop, self.ready = threading.Event(), threading.Event()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._main, name="operator", daemon=True)
@@ -550,6 +578,12 @@ class RunningOperator:
         assert not self.errors, self.errors
 
 
+@pytest.fixture
+def fast_key_checks(monkeypatch):
+    """Check the admin key file for a change every 0.1 s (request it before `operator`)."""
+    monkeypatch.setattr(handlers, "KEY_CHECK_SECONDS", 0.1)
+
+
 @pytest_asyncio.fixture
 async def operator(api, tmp_path):
     running = await RunningOperator(write_kubeconfig(tmp_path / "kubeconfig", str(api.url))).start()
@@ -559,17 +593,20 @@ async def operator(api, tmp_path):
         await running.shutdown()
 
 
+def rbac_request(r: kmock.Request) -> tuple[str, str] | None:
+    """(resource, verb) of one of the operator's or kopf's API requests, as RBAC rules name them; None for the
+    test's own requests and for discovery (allowed to every authenticated user)."""
+    if r.headers.get("User-Agent", "").startswith("kmock/") or r.resource is None or r.resource.plural is None:
+        return None
+    resource = f"{r.resource.group or 'core'}/{r.resource.plural}" + (f"/{r.subresource}" if r.subresource else "")
+    verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}.get(r.method.value) or (
+        "watch" if r.params.get("watch") == "true" else "get" if r.name else "list")
+    return resource, verb
+
+
 def requests_as_rbac(api) -> set[tuple[str, str]]:
-    """The (resource, verb) pairs of every API request the operator and kopf made, as RBAC rules name them."""
-    used = set()
-    for r in api._requests:
-        if r.headers.get("User-Agent", "").startswith("kmock/") or r.resource is None or r.resource.plural is None:
-            continue  # the test's own requests, and discovery (allowed to every authenticated user)
-        resource = f"{r.resource.group or 'core'}/{r.resource.plural}" + (f"/{r.subresource}" if r.subresource else "")
-        verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}.get(r.method.value) or (
-            "watch" if r.params.get("watch") == "true" else "get" if r.name else "list")
-        used.add((resource, verb))
-    return used
+    """The (resource, verb) pairs of every API request the operator and kopf made."""
+    return {asked for r in api._requests if (asked := rbac_request(r)) is not None}
 
 
 async def eventually(check, timeout: float = 10.0, interval: float = 0.02):

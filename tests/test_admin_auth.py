@@ -15,7 +15,7 @@ import yaml
 
 from tideserve.operator import manifests
 from tideserve.operator.resource import defaulted
-from tideserve.worker.secret_file import SecretFile, SecretFileError
+from tideserve.secret_file import SecretFile, SecretFileError
 
 
 def serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

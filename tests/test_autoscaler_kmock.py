@@ -23,11 +23,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
-from kube_fixtures import RunningOperator, api, eventually, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
+from kube_fixtures import RunningOperator, api, chart_rbac, eventually, fast_key_checks, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
 from test_chart import CRD_DISCOVERY, WORKLOAD
 from tideserve.operator import autoscaler_state
 from tideserve.autoscaler.policy import TideservePolicy
 from tideserve.autoscaler.spec import policy_config
+from tideserve.operator.admin_token import derive_token
 from tideserve.operator.autoscaler_loop import DELETION_COST_ANNOTATION, AutoscalerOptions, PeeringSettings
 from tideserve.operator.manifests import object_labels
 from tideserve.operator.resource import defaulted, schema_errors
@@ -262,7 +263,8 @@ def admin_token(api) -> str:
     return base64.b64decode(secret["data"]["token"]).decode()
 
 
-async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every_pod(api, operator, fake_pods):
+async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every_pod(fast_key_checks, api, operator,
+                                                                                     fake_pods):
     fake_pods.admin_token = lambda: admin_token(api)
     a = await fake_pods.add("chat-a")
     a.load = 500  # requests per scrape, about one a second: far beyond one replica
@@ -295,12 +297,20 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
     await add_pod(api, "chat-b", b)
     await eventually(lambda: b.puts and b.limits == (status(api)["batchLimits"]["maxNumSeqs"],
                                                      status(api)["batchLimits"]["maxNumBatchedTokens"]))
-    # A replaced token (the Secret recreated): the first push is refused, the loop reads the Secret again.
+    # A new admin key: until the kubelet syncs a pod's Secret volume the pod still wants the old token, which
+    # the loop sends when the new one is refused; then the Secret holds the new key's token and that one works.
     assert fake_pods.refused_puts == 0
-    new_token = base64.b64encode(b"rotated-token").decode()
-    await request(api, "PATCH", f"/api/v1/namespaces/{NS}/secrets/{NAME}-admin", {"data": {"token": new_token}})
+    old_token = admin_token(api)
+    fake_pods.admin_token = lambda: old_token  # the pods' volumes are not synced yet
+    operator.admin_key_file.write_text("a-new-admin-key")
+    uid = api.get(*LLMD, NS, NAME)["metadata"]["uid"]
+    await eventually(lambda: admin_token(api) == derive_token("a-new-admin-key", NS, NAME, uid))
     b.limits = (7, 7)  # what b reports next: not the stored limits, so the loop pushes them again
     await eventually(lambda: fake_pods.refused_puts >= 1 and b.limits != (7, 7))
+    fake_pods.admin_token = lambda: admin_token(api)  # synced
+    refused, b.limits = fake_pods.refused_puts, (7, 7)
+    await eventually(lambda: b.limits != (7, 7))
+    assert fake_pods.refused_puts == refused  # the current key's token goes first
 
     llmd = api.get(*LLMD, NS, NAME)
     st = llmd["status"]
@@ -471,6 +481,7 @@ async def test_an_operator_restart_keeps_the_learned_seasonal_profile(api, tmp_p
 
 async def test_a_standby_that_takes_over_reloads_the_learned_state_before_writing_any(api, tmp_path, fake_pods):
     peering = "/apis/kopf.dev/v1/clusterkopfpeerings"
+    api.granted = set(chart_rbac("peering.enabled=true"))
 
     async def peers(lastseen: str) -> None:
         body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "tideserve"},

@@ -17,6 +17,7 @@ VALUE_SETS = {
     "default": [],
     "cluster-wide": ["--set", "clusterWide=true"],
     "namespaced-with-peering": ["--set", "replicaCount=2", "--set", "watchNamespaces={llm,team-a}"],
+    "existing-admin-key": ["--set", "adminKey.existingSecret=my-admin-key", "--set", "adminKey.key=hmac"],
     "prometheus-no-metrics-port": ["--set", "autoscaler.prometheusUrl=http://prometheus.monitoring:9090",
                                    "--set", "metrics.port=0"],
 }
@@ -53,7 +54,7 @@ WORKLOAD = {
     ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
     ("core/pods", v) for v in ("list", "watch", "patch")} | {
     ("core/configmaps", v) for v in ("get", "create", "patch")} | {
-    ("core/secrets", v) for v in ("get", "create", "patch", "delete")} | {("core/events", "create")}
+    ("core/secrets", v) for v in ("create", "patch", "delete")} | {("core/events", "create")}
 CRD_DISCOVERY = {("apiextensions.k8s.io/customresourcedefinitions", "list"),
                  ("apiextensions.k8s.io/customresourcedefinitions", "watch")}
 
@@ -123,6 +124,30 @@ def test_operator_arguments_are_accepted_by_tideserve_operator():
     parsed = build_parser("operator").parse_args(["operator", *args])
     assert parsed.prometheus_url == "http://prometheus.monitoring:9090" and parsed.metrics_port == 0
     assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"].get("annotations", {})
+
+
+def test_the_operator_mounts_its_admin_key_and_no_rule_reads_a_secret():
+    """The admin tokens come from a key the operator pod mounts, so no rule of any install reads a Secret."""
+    for name, values in VALUE_SETS.items():
+        docs = render(values)
+        for kind in ("Role", "ClusterRole"):
+            for rules in rules_by_kind(docs, kind).values():
+                assert not {verb for resource, verb in rules if resource == "core/secrets"} & {"get", "list", "watch"}
+        (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+        pod = deployment["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-key"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "admin-key"]
+        (flag,) = [a for a in pod["containers"][0]["args"] if a.startswith("--admin-key-file=")]
+        (item,) = volume["secret"]["items"]
+        assert flag == f"--admin-key-file={mount['mountPath']}/{item['path']}" and mount["readOnly"]
+        secrets = [d for d in docs if d["kind"] == "Secret"]
+        if name == "existing-admin-key":
+            assert volume["secret"]["secretName"] == "my-admin-key" and item["key"] == "hmac" and not secrets
+        else:
+            (secret,) = secrets
+            assert volume["secret"]["secretName"] == secret["metadata"]["name"] == "tideserve-admin-key"
+            assert len(secret["data"][item["key"]]) >= 48
+            assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
 def documented_rbac() -> dict[str, set[tuple[str, str]]]:

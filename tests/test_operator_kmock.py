@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 
 import pytest
 import yaml
 
-from kube_fixtures import RunningOperator, api, eventually, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
+from tideserve.operator.admin_token import TOKEN_ANNOTATION, derive_token, token_digest
+from kube_fixtures import RunningOperator, api, eventually, fast_key_checks, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
 
 pytestmark = pytest.mark.asyncio
 
@@ -102,32 +104,63 @@ async def test_apply_creates_an_owned_deployment_and_service(api, operator):
         "Secret smollm2-admin created", "Deployment smollm2 created", "Service smollm2 created"})
 
 
-async def test_workers_admin_port_takes_a_token_from_an_owned_secret(api, operator):
+async def test_workers_admin_port_takes_a_token_derived_from_the_admin_key(fast_key_checks, api, operator):
+    """The token in NAME-admin is HMAC(admin key, namespace, name, uid): the operator writes it without reading
+    any Secret (the emulator refuses reads the chart does not grant), and a new key rotates it."""
     llmd = await apply_minimal(api, operator)
     secret = api.get(*SECRET, NS, "smollm2-admin")
     assert secret["metadata"]["ownerReferences"][0]["uid"] == llmd["metadata"]["uid"]
     token = base64.b64decode(secret["data"]["token"]).decode()
-    assert len(token) >= 40
-    # The token is never copied into the record of what was applied (annotations are readable more widely).
-    assert token not in json.dumps(secret["metadata"]) and secret["data"]["token"] not in json.dumps(secret["metadata"])
-    pod = api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"]["spec"]
+    key = operator.admin_key_file.read_text()
+    assert token == derive_token(key, NS, "smollm2", llmd["metadata"]["uid"]) and len(token) >= 40
+    assert derive_token(key, NS, "smollm2", "another-uid") != token  # a recreated object gets another token
+    # Neither the token nor the key is copied into metadata (annotations are readable more widely).
+    deployment = api.get(*DEPLOYMENT, NS, "smollm2")
+    for text in (json.dumps(secret["metadata"]), json.dumps(deployment)):
+        assert token not in text and secret["data"]["token"] not in text and key not in text
+    assert deployment["metadata"]["annotations"][TOKEN_ANNOTATION] == \
+        f"{secret['metadata']['uid']} {token_digest(token)}"
+    pod = deployment["spec"]["template"]["spec"]
     (worker,) = pod["containers"]
     path = worker["args"][worker["args"].index("--admin-token-file") + 1]
     (mount,) = [m for m in worker["volumeMounts"] if m["name"] == "admin-token"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-token"]
     assert path == f"{mount['mountPath']}/token" and mount["readOnly"]
     assert volume["secret"]["secretName"] == "smollm2-admin"
-    # Reconciles keep the token; a Secret that lost its key gets a new one.
-    await request(api, "PATCH", f"/api/v1/namespaces/{NS}/secrets/smollm2-admin",
-                  {"metadata": {"annotations": {"example.com/touched": "yes"}}, "data": {"token": None}})
+    # Reconciles keep the token and write no Secret.
+    written = len(operator_writes(api))
     await request(api, "PATCH", f"{BASE}/smollm2", {"spec": {"replicas": 2}})
-    renewed = await eventually(lambda: (api.get(*SECRET, NS, "smollm2-admin").get("data") or {}).get("token"))
-    assert base64.b64decode(renewed).decode() != token
+    await eventually(lambda: api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["replicas"] == 2)
+    assert not [w for w in operator_writes(api)[written:] if "/secrets/" in w.url.path]
+    # A new key (the kubelet updates the mounted file): the Secret gets the new key's token, pods keep running.
+    template = api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"]
+    new_key = secrets.token_hex(32)
+    operator.admin_key_file.write_text(new_key)
+    rotated = derive_token(new_key, NS, "smollm2", llmd["metadata"]["uid"])
+    await eventually(lambda: base64.b64decode(api.get(*SECRET, NS, "smollm2-admin")["data"]["token"]).decode() == rotated)
+    await eventually(lambda: api.get(*DEPLOYMENT, NS, "smollm2")["metadata"]["annotations"][TOKEN_ANNOTATION]
+                     .endswith(token_digest(rotated)))
+    assert api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"] == template  # no rollout
+    await eventually(lambda: any("admin token of the current admin key" in e["message"] for e in events(api, "Updated")))
     # The vllm engine has no admin port: no token, and the Secret goes.
     await request(api, "PATCH", f"{BASE}/smollm2", {"spec": {"engine": {"kind": "vllm"}, "resources": {"gpus": 1}}})
     await eventually(lambda: api.get(*SECRET, NS, "smollm2-admin") is None)
     await eventually(lambda: "--admin-token-file" not in
                      api.get(*DEPLOYMENT, NS, "smollm2")["spec"]["template"]["spec"]["containers"][0]["args"])
+    await eventually(lambda: TOKEN_ANNOTATION not in api.get(*DEPLOYMENT, NS, "smollm2")["metadata"].get("annotations", {}))
+    assert not {verb for resource, verb in requests_as_rbac(api) if resource == "core/secrets"} - {"create", "patch", "delete"}
+
+
+async def test_a_same_named_secret_of_another_controller_is_not_taken_over(api, operator):
+    await request(api, "POST", f"/api/v1/namespaces/{NS}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "smollm2-admin", "ownerReferences": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "theirs", "uid": "0000", "controller": True}]},
+        "data": {"token": base64.b64encode(b"theirs").decode()}}, content_type="application/json")
+    await request(api, "POST", BASE, example("minimal"), content_type="application/json")
+    llmd = await settled(api, operator, "smollm2")
+    assert "Secret smollm2-admin: 422" in condition(llmd, "Degraded")["message"]
+    assert base64.b64decode(api.get(*SECRET, NS, "smollm2-admin")["data"]["token"]) == b"theirs"
+    assert api.get(*DEPLOYMENT, NS, "smollm2") is None  # no pods that would mount someone else's Secret
 
 
 async def test_writes_use_the_right_content_types_and_never_touch_the_spec(api, operator):
@@ -142,9 +175,9 @@ async def test_writes_use_the_right_content_types_and_never_touch_the_spec(api, 
             assert write.url.query["fieldManager"] == "tideserve-operator" and write.url.query["force"] == "true"
             assert write.data["apiVersion"] and write.data["kind"] and write.data["metadata"]["name"]
         elif write.method.value == "PATCH":
-            # Status, and the admin token (kept out of the applied intent).
+            # Status.
             assert write.headers["Content-Type"] == "application/merge-patch+json", write
-            assert write.url.path.endswith("/status") or write.url.path.endswith("/secrets/smollm2-admin"), write
+            assert write.url.path.endswith("/status"), write
             assert isinstance(write.data, dict)
         else:
             assert write.headers["Content-Type"] == "application/json", write
@@ -212,6 +245,12 @@ async def test_a_deleted_deployment_comes_back(api, operator):
     recreated = await eventually(lambda: (d := api.get(*DEPLOYMENT, NS, "smollm2")) and d["metadata"]["uid"] != old_uid and d)
     assert recreated["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["--model", "smollm2"]
     await eventually(lambda: len(events(api, "Created")) == 4)  # Secret, Deployment, Service, Deployment again
+    # The new Deployment has no record of the Secret: the existing one is found (create: 409) and applied, the
+    # same Secret with the same token, which the new Deployment records.
+    secret = api.get(*SECRET, NS, "smollm2-admin")
+    await eventually(lambda: api.get(*DEPLOYMENT, NS, "smollm2")["metadata"]["annotations"][TOKEN_ANNOTATION]
+                     .startswith(secret["metadata"]["uid"]))
+    assert [e["message"] for e in events(api, "Created") if "Secret" in e["message"]] == ["Secret smollm2-admin created"]
 
 
 async def test_a_hand_edited_deployment_is_set_back_but_kubectl_restart_survives(api, operator):

@@ -86,7 +86,7 @@ def read_secrets(env_var: str, path: str | None) -> list[str]:
 def admin_credentials(args: argparse.Namespace):
     """(token from the environment, SecretFile) for the admin port. Fail closed: an empty token file is an
     error, and the port binds beyond loopback only behind a token."""
-    from tideserve.worker.secret_file import SecretFile
+    from tideserve.secret_file import SecretFile
 
     token_file = SecretFile(args.admin_token_file) if args.admin_token_file else None
     token = (read_secrets("TIDESERVE_ADMIN_TOKEN", None) or [None])[0]

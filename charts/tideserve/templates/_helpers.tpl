@@ -82,10 +82,11 @@ otherwise; [] means every namespace (clusterWide). */}}
   resources: [pods]
   verbs: [list, watch, patch]
 # The bearer token of the workers' admin port, one Secret NAME-admin per LLMDeployment (tideserve engine): the
-# operator creates it, the autoscaler reads it to push batch limits, and it goes when the engine turns vllm.
+# operator writes it (a token derived from its mounted admin key) and deletes it when the engine turns vllm. It
+# never reads a Secret: no get, list or watch.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create, patch, delete]
+  verbs: [create, patch, delete]
 # The autoscaler's learned state, one ConfigMap NAME-autoscaler-state per LLMDeployment.
 - apiGroups: [""]
   resources: [configmaps]
@@ -93,4 +94,8 @@ otherwise; [] means every namespace (clusterWide). */}}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- end -}}
+
+{{- define "tideserve.adminKeySecret" -}}
+{{- .Values.adminKey.existingSecret | default (printf "%s-admin-key" (include "tideserve.fullname" .)) -}}
 {{- end -}}
