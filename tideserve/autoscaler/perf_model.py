@@ -27,7 +27,7 @@ class StepTimeParams:
     per_context_token_s: float
     per_prefill_token_s: float
     kv_capacity_tokens: int
-    max_num_batched_tokens: int = 2048  # vLLM's default token budget for the OpenAI server with chunked prefill
+    max_num_batched_tokens: int = 2048  # vLLM's OpenAI-server token budget on GPUs under 70 GiB (8192 on H100s)
     max_num_seqs: int = 256  # the engine's hard ceiling for the batch-limit knob
 
     def step_time(self, decode_seqs: float, context_tokens: float, prefill_tokens: float) -> float:
@@ -81,7 +81,10 @@ def fit_step_params(points: list[tuple[float, float, float, float]], kv_capacity
 class QueryMix:
     mean_input: float
     mean_output: float
-    p90_input: float | None = None
+    # The prompt length at the planning quantile among the requests the TTFT target can hold (None: the tail
+    # of TTFT is the mean's times the observed tail factor). With long prompts the tail is the prompt's own
+    # prefill, which more replicas cannot shorten; only the queueing part scales with the tail factor.
+    tail_input: float | None = None
 
     def __post_init__(self):
         if self.mean_input < 1 or self.mean_output < 1:
@@ -171,18 +174,50 @@ class PerformanceModel:
         busy = self.busy_step(self.decode_batch_at(rate, mix, limits.max_num_seqs), mix, limits.max_num_batched_tokens)
         return max(mean, min(busy, mean * tail))
 
-    def ttft_at(self, rate: float, mix: QueryMix, limits: BatchLimits) -> float:
-        """Mean TTFT: the prompt's own chunks, each a busy step, inflated by the queueing of the prefill budget
-        (an M/M/1-like server whose utilization is the share of the per-step token budget used by prompts)."""
+    def prefill_service(self, prompt_tokens: float, limits: BatchLimits, decodes: float = 0.0,
+                        mix: QueryMix | None = None) -> float:
+        """A prompt's own time to first token without queueing: its chunks, each a busy step."""
+        chunk = max(1.0, limits.max_num_batched_tokens - decodes)
+        busy = self.busy_step(decodes, mix or QueryMix(max(1.0, prompt_tokens), 1.0), limits.max_num_batched_tokens)
+        return math.ceil(prompt_tokens / chunk) * busy
+
+    def max_feasible_prompt(self, ttft_target_s: float, limits: BatchLimits) -> float:
+        """The longest prompt whose own prefill on an idle replica fits the TTFT target: a longer one misses it
+        whatever the number of replicas (0 when not even one chunk fits)."""
+        lo, hi = 0, 1
+        while self.prefill_service(hi, limits) <= ttft_target_s and hi < 1 << 26:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.prefill_service(mid, limits) <= ttft_target_s else (lo, mid)
+        return float(lo)
+
+    def _ttft_parts(self, rate: float, mix: QueryMix, limits: BatchLimits) -> tuple[float, float, float]:
+        """(mean prefill service, mean queueing wait, decodes): the prompt's chunks, each a busy step, and the
+        wait of an M/M/1-like server whose utilization is the share of the per-step token budget prompts use."""
         if not math.isfinite(self.step_time_at(rate, mix)):
-            return math.inf
+            return math.inf, math.inf, 0.0
         decodes = self.decode_batch_at(rate, mix, limits.max_num_seqs)
         chunk = max(1.0, limits.max_num_batched_tokens - decodes)
         busy = self.busy_step(decodes, mix, limits.max_num_batched_tokens)
         utilization = rate * mix.mean_input * busy / chunk
+        service = math.ceil(mix.mean_input / chunk) * busy
         if utilization >= 1:
-            return math.inf
-        return math.ceil(mix.mean_input / chunk) * busy / (1 - utilization)
+            return service, math.inf, decodes
+        return service, service * utilization / (1 - utilization), decodes
+
+    def ttft_at(self, rate: float, mix: QueryMix, limits: BatchLimits) -> float:
+        """Mean TTFT: prefill service plus queueing."""
+        service, wait, _ = self._ttft_parts(rate, mix, limits)
+        return service + wait
+
+    def ttft_tail_at(self, rate: float, mix: QueryMix, limits: BatchLimits, tail: float) -> float:
+        """Tail TTFT: the tail prompt's own prefill (the mean's times `tail` when the mix names none) plus the
+        queueing wait times `tail`."""
+        service, wait, decodes = self._ttft_parts(rate, mix, limits)
+        if mix.tail_input is None:
+            return tail * (service + wait)
+        return self.prefill_service(mix.tail_input, limits, decodes, mix) + tail * wait
 
     def capacity(self, mix: QueryMix, tpot_target_s: float, ttft_target_s: float, limits: BatchLimits,
                  tpot_tail: float = 1.0, ttft_tail: float = 1.0) -> ReplicaCapacity:
@@ -198,7 +233,8 @@ class PerformanceModel:
         upper = min(found.values())
         found["tpot"] = self._bisect(lambda lam: self.tpot_tail_at(lam, mix, limits, tpot_tail) <= tpot_target_s,
                                      upper)
-        found["ttft"] = self._bisect(lambda lam: self.ttft_at(lam, mix, limits) * ttft_tail <= ttft_target_s, upper)
+        found["ttft"] = self._bisect(lambda lam: self.ttft_tail_at(lam, mix, limits, ttft_tail) <= ttft_target_s,
+                                     upper)
         limited_by = min(found, key=found.get)
         rate = found[limited_by]
         return ReplicaCapacity(rate, limited_by, self.step_time_at(rate, mix))
@@ -226,7 +262,8 @@ class PerformanceModel:
                 continue
             limits = BatchLimits(seqs, max(budget, seqs))
             cap = self.capacity(mix, tpot_target_s, ttft_target_s, limits, tpot_tail, ttft_tail)
-            if best is None or cap.rate > best[1].rate * 1.02:  # a larger budget must be clearly better
+            # A larger budget must be clearly better; with no capacity anywhere, the larger (faster prefill).
+            if best is None or cap.rate > best[1].rate * 1.02 or cap.rate == best[1].rate == 0:
                 best = (limits, cap)
         if best is None:  # even one sequence misses the target: run the smallest batch and report its capacity
             limits = BatchLimits(1, token_budgets[0])

@@ -13,8 +13,13 @@ Each interval:
     construction, and load beyond the plan queues (TTFT) instead of slowing every decode;
  7. replicas = demand / (capacity of one replica x headroom); the headroom is steered so the observed tail sits
     at a setpoint below the targets and tightened while the error budget burns; an observed miss adds capacity;
- 8. safety: min/max, bounded steps, stabilization windows, scale down only when N-1 replicas carry the demand
-    with margin and latency has room, no further scale-up while new replicas are Pending, drain the least loaded.
+ 8. misses are attributed to what can fix them: a prompt whose own prefill on an idle replica outlasts the TTFT
+    target is infeasible (no knob fixes it): its share is reported (SLOInfeasible), the TTFT tail is read and
+    planned over the feasible requests only, and the token budget must keep the feasible prompts feasible;
+ 9. safety: min/max, bounded steps, stabilization windows, scale down only when N-1 replicas carry the demand
+    with margin and latency has room, no further scale-up while new replicas are Pending or while a ready
+    replica sits idle with nothing waiting, never more replicas than the load's work keeps busy at
+    min_utilization, drain the least loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tideserve.autoscaler.forecast import SeasonalForecaster
 from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.perf_model import (
     H100_8B,
+    TOKEN_BUDGETS,
     BatchLimits,
     PerformanceModel,
     QueryMix,
@@ -40,6 +46,8 @@ BURST_FACTOR = 4.0
 TAIL_SAMPLES = 20
 MIN_TAIL_SAMPLES = 5
 TAIL_POOL_WINDOWS = 4
+PROMPT_POOL_WINDOWS = 20  # the prompt-length distribution behind the infeasible share: ten minutes at 30 s
+MIN_INFEASIBLE_SHARE = 0.001  # below this, long prompts are noise in the tail, not a class of their own
 
 
 @dataclass
@@ -66,6 +74,9 @@ class PolicyConfig:
     season_slot_s: float = 600.0
     default_startup_s: float = 120.0
     manage_batch_limits: bool = True
+    # A replica is worth its GPU only while the load keeps it at least this busy (the model's share of step time
+    # spent on the load's tokens): a cap on replicas that no latency signal can push through.
+    min_utilization: float = 0.2
     advisory: bool = False
     bootstrap: StepTimeParams = H100_8B
 
@@ -78,6 +89,8 @@ class PolicyConfig:
             raise ValueError("step bounds must be >= 1")
         if not 0 < self.attainment_target < 1:
             raise ValueError("attainment target must be in (0, 1)")
+        if not 0 < self.min_utilization < 1:
+            raise ValueError("min_utilization must be in (0, 1)")
 
 
 class TideservePolicy:
@@ -96,8 +109,12 @@ class TideservePolicy:
         self._recommendations: deque[tuple[float, int]] = deque()
         self._rates: deque[float] = deque(maxlen=8)
         self._smoothed_rate: float | None = None
+        self._live_rate = 0.0
         self._smoothed_pressure = 0.0
         self._tail_windows: deque[tuple] = deque(maxlen=TAIL_POOL_WINDOWS)
+        self._prompt_windows: deque = deque(maxlen=PROMPT_POOL_WINDOWS)
+        self.infeasible_share = 0.0
+        self.max_feasible_prompt = math.inf
         self._last_in_flight = 0.0
         self._started: float | None = None
         self._last_scale_down = -math.inf
@@ -119,8 +136,9 @@ class TideservePolicy:
             why = f" ({'; '.join(obs.problems)})" if obs.problems else ""
             return self._decision(obs, current, current_limits, "hold", "MetricsStale: holding replicas and batch "
                                   f"limits until fresh metrics arrive{why}", details={"stale": True})
-        slo = self._slo_state(obs)
         self._calibrate(obs)
+        tail_input = self._feasibility(obs, current_limits)
+        slo = self._slo_state(obs)
         rate, mix = self._load(obs)
         mix_shift = self._mix_shift(mix)
         self.forecaster.observe(obs.time, obs.window_s, rate, mix and mix.mean_input, mix and mix.mean_output)
@@ -135,6 +153,8 @@ class TideservePolicy:
             if not mix_shift:  # after a shift the profile is out of date: plan on what is live
                 plan_mix = QueryMix(max(plan_mix.mean_input, forecast.mean_input),
                                     max(plan_mix.mean_output, forecast.mean_output))
+        if tail_input is not None:
+            plan_mix = QueryMix(plan_mix.mean_input, plan_mix.mean_output, tail_input)
         limits, capacity = self._batch_limits(current_limits, plan_mix)
         self._adapt_headroom(obs, slo, rate, capacity.rate)
         per_replica = max(capacity.rate * self.headroom, 1e-6)
@@ -142,23 +162,37 @@ class TideservePolicy:
         if self._smoothed_pressure > 1.0 and obs.ready_replicas >= current:
             # The model under-predicts: the tail misses its target now. Add capacity in proportion (<= +25%).
             needed = max(needed, current + math.ceil(current * min(self._smoothed_pressure - 1.0, 0.25)))
+        useful = self._useful_replicas(obs, demand, plan_mix)
+        needed = min(needed, useful)
         target = self._stabilize(obs, needed, demand, capacity.rate)
         reason, action = self._explain(current, target, current_limits, limits, demand, capacity, mix_shift)
+        idle = [r.name for r in obs.replicas if r.ready and not r.running and not r.waiting]
+        seasonal_rise = forecast is not None and forecast.seasonal and forecast.rate > self._live_rate
         if target > current and obs.pending_replicas > 0:
             target, action = current, "hold"
             reason = (f"CapacityLimited: {obs.pending_replicas} new replica(s) still Pending; not adding more "
                       f"(wanted {needed})")
+        elif target > current and idle and not obs.waiting and not seasonal_rise:
+            target, action = current, "hold"
+            reason = (f"hold at {current}: ready replica(s) {', '.join(idle)} sit idle with nothing waiting; more "
+                      f"replicas would idle too (wanted {needed})")
+        if self.infeasible_share >= MIN_INFEASIBLE_SHARE:
+            reason += (f"; SLOInfeasible: {100 * self.infeasible_share:.1f}% of requests have prompts over "
+                       f"{self.max_feasible_prompt:.0f} tokens, which no replica prefills within the "
+                       f"{c.ttft.target_s:g} s TTFT target (planned over the rest)")
         details = {
             "rate": rate, "demand": demand, "capacity_per_replica": capacity.rate, "limited_by": capacity.limited_by,
             "headroom": self.headroom, "mix": [plan_mix.mean_input, plan_mix.mean_output], "mix_shift": mix_shift,
             "lead_s": lead, "tpot_tail": self.tpot_tail, "ttft_tail": self.ttft_tail,
-            "max_num_batched_tokens": limits.max_num_batched_tokens, **slo,
+            "max_num_batched_tokens": limits.max_num_batched_tokens, "infeasible_share": self.infeasible_share,
+            "max_feasible_prompt": self.max_feasible_prompt, "useful_replicas": useful, **slo,
         }
         fc = None if forecast is None else {"rate": forecast.rate, "mean_input": forecast.mean_input,
                                             "mean_output": forecast.mean_output, "seasonal": forecast.seasonal,
                                             "horizon_s": lead}
         return self._decision(obs, target, limits, action, reason, forecast=fc, details=details,
-                              predicted=self._predicted_attainment(demand / max(target, 1), plan_mix, limits),
+                              predicted=(1 - self.infeasible_share) *
+                              self._predicted_attainment(demand / max(target, 1), plan_mix, limits),
                               drain=self._choose_drain(obs, current - target))
 
     # --- steps ------------------------------------------------------------------------------------------
@@ -186,7 +220,10 @@ class TideservePolicy:
                 if pooled is not None and pooled.count >= TAIL_SAMPLES:
                     break
             if pooled is not None and pooled.count >= MIN_TAIL_SAMPLES:
-                pressures.append(pooled.quantile(self.quantile) / slo.target_s)
+                # TTFT over the feasible requests: the infeasible ones are the longest prompts, at the top.
+                level = self.quantile * (1 - self.infeasible_share) if index == 0 else self.quantile
+                if level > 0:
+                    pressures.append(pooled.quantile(level) / slo.target_s)
         decay = 0.5 ** (obs.window_s / (2 * c.interval_s))  # one window's tail is noisy: a half-life of two
         if pressures:
             state["pressure"] = max(pressures)
@@ -217,6 +254,37 @@ class TideservePolicy:
             if hist is not None and hist.count >= 20 and hist.mean:
                 ratio = min(high, max(1.0, hist.quantile(self.quantile) / hist.mean))
                 setattr(self, attr, 0.9 * getattr(self, attr) + 0.1 * ratio)
+
+    def _feasibility(self, obs: Observation, current: BatchLimits) -> float | None:
+        """The share of requests no replica can serve within the TTFT target: prompts longer than the longest
+        one whose own prefill, on an idle replica with the largest token budget, fits it (a share of the last
+        PROMPT_POOL_WINDOWS windows' prompts). Returns the prompt length at the planning quantile among the
+        feasible requests, for the TTFT tail, when that share matters; None otherwise."""
+        c = self.config
+        if obs.prompt_tokens is not None and obs.prompt_tokens.count:
+            self._prompt_windows.append(obs.prompt_tokens)
+        pooled = None
+        for hist in self._prompt_windows:
+            pooled = hist if pooled is None or pooled.edges != hist.edges else pooled.plus(hist)
+        if pooled is None:
+            return None
+        budget = max(max(TOKEN_BUDGETS), current.max_num_batched_tokens)
+        self.max_feasible_prompt = self.model.max_feasible_prompt(c.ttft.target_s, BatchLimits(1, budget))
+        feasible = pooled.fraction_at_most(self.max_feasible_prompt)
+        self.infeasible_share = 1.0 - (1.0 if feasible is None else feasible)
+        if self.infeasible_share < MIN_INFEASIBLE_SHARE:
+            return None
+        if self.infeasible_share > 1 - MIN_INFEASIBLE_SHARE:
+            return 0.0  # no request is feasible: only the queueing is left to plan
+        return min(self.max_feasible_prompt, pooled.quantile(self.quantile * (1 - self.infeasible_share)))
+
+    def _useful_replicas(self, obs: Observation, demand: float, mix: QueryMix) -> int:
+        """The most replicas the load can use: as many as keep min_utilization of their step time busy with the
+        planned load's tokens (the calibrated model), or, where the model under-predicts, one per request in
+        flight. A cap that no latency signal raises: a tail that more replicas cannot shorten must not buy them."""
+        c = self.config
+        work = demand * self.model.load_coefficient(mix)  # step-seconds per second of the load's tokens
+        return max(c.min_replicas, math.ceil(work / c.min_utilization), math.ceil(obs.running + obs.waiting))
 
     @staticmethod
     def _window_mix(obs: Observation) -> QueryMix | None:
@@ -249,7 +317,8 @@ class TideservePolicy:
         scale of a window), never below the smoothed rate, plus what it takes to clear the waiting queue."""
         recent = sorted(self._rates)
         upper = recent[int(0.75 * (len(recent) - 1) + 0.5)]
-        return max(self._smoothed_rate, upper) + obs.waiting / self.config.backlog_clear_s
+        self._live_rate = max(self._smoothed_rate, upper)
+        return self._live_rate + obs.waiting / self.config.backlog_clear_s
 
     def _smoothed_mix(self) -> QueryMix | None:
         f = self.forecaster
@@ -291,8 +360,10 @@ class TideservePolicy:
         max_num_seqs that caps the batch where that still holds, but never below twice the batch the planned
         load needs, so a burst queues a little rather than being refused service."""
         c = self.config
-        if c.manage_batch_limits:
-            limits, capacity = self.model.choose_limits(mix, c.tpot.target_s, c.ttft.target_s, self.tpot_tail,
+        # With no feasible request at all there is no TTFT left to plan for: only TPOT, the batch and KV bound.
+        ttft_s = math.inf if mix.tail_input == 0 else c.ttft.target_s
+        if c.manage_batch_limits and mix.tail_input is None:
+            limits, capacity = self.model.choose_limits(mix, c.tpot.target_s, ttft_s, self.tpot_tail,
                                                         self.ttft_tail)
             planned = self.model.decode_batch_at(capacity.rate * self.headroom, mix, self.model.params.max_num_seqs)
             seqs = min(self.model.params.max_num_seqs, max(limits.max_num_seqs, math.ceil(BURST_FACTOR * planned)))
@@ -300,13 +371,15 @@ class TideservePolicy:
             # Hysteresis: keep the current limits while their busy step still fits the TPOT target and they
             # give at least 90% of the new limits' capacity; limits that flap cost restarts of nothing, but
             # each change is an admin call to every replica and a step change in latency.
-            kept = self.model.capacity(mix, c.tpot.target_s, c.ttft.target_s, current, self.tpot_tail, self.ttft_tail)
+            kept = self.model.capacity(mix, c.tpot.target_s, ttft_s, current, self.tpot_tail, self.ttft_tail)
             busy = self.model.busy_step(min(planned, current.max_num_seqs), mix, current.max_num_batched_tokens)
             if busy <= c.tpot.target_s and kept.rate >= 0.9 * capacity.rate:
                 limits = current
         else:
+            # Prompts near the TTFT limit need the whole token budget: a smaller one (for the decodes' TPOT) would
+            # make them infeasible too, so with long prompts in the mix the limits stay where they are.
             limits = current
-        return limits, self.model.capacity(mix, c.tpot.target_s, c.ttft.target_s, limits, self.tpot_tail,
+        return limits, self.model.capacity(mix, c.tpot.target_s, ttft_s, limits, self.tpot_tail,
                                            self.ttft_tail)
 
     def _stabilize(self, obs: Observation, needed: int, demand: float, capacity_rate: float) -> int:

@@ -1,5 +1,5 @@
-"""An LLMDeployment YAML file as the local runtime reads it: checked as the API server and the operator would
-check it, then mapped onto worker processes on this machine."""
+"""An LLMDeployment YAML file as the local runtime (and the simulator) reads it: checked as the API server and
+the operator would check it, then mapped onto worker processes on this machine."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ class DeploymentError(ValueError):
     """An LLMDeployment the local runtime cannot run; the message names the field."""
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read, check and default one LLMDeployment. Raises DeploymentError with every problem found."""
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """Read, default and check one LLMDeployment as the API server and the operator would. Raises
+    DeploymentError with every problem found."""
     try:
         with open(path) as f:
             documents = [d for d in yaml.safe_load_all(f) if d is not None]
@@ -37,7 +38,15 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise DeploymentError(f"apiVersion must be {API_VERSION}, not {llmd.get('apiVersion')!r}")
     llmd = defaulted(llmd)
     problems = schema_errors(llmd) or [f"{e.field}: {e.message}" for e in validate(llmd)]
-    problems += local_problems(llmd["spec"])
+    if problems:
+        raise DeploymentError(f"{path}: " + "; ".join(problems))
+    return llmd
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """read(), and what this machine can run of it; a model directory is resolved next to the YAML file."""
+    llmd = read(path)
+    problems = local_problems(llmd["spec"])
     if problems:
         raise DeploymentError(f"{path}: " + "; ".join(problems))
     source = llmd["spec"]["model"]["source"]

@@ -115,9 +115,10 @@ class DynamoPlannerPolicy:
     interval_s = 180.0
 
     def __init__(self, params: StepTimeParams, ttft_slo_s: float, tpot_slo_s: float, max_num_seqs: int,
-                 min_replicas: int = 1, max_replicas: int = 32):
+                 max_num_batched_tokens: int, min_replicas: int = 1, max_replicas: int = 32):
         self.model = PerformanceModel(params)
-        self.ttft_slo, self.tpot_slo, self.max_num_seqs = ttft_slo_s, tpot_slo_s, max_num_seqs
+        self.ttft_slo, self.tpot_slo = ttft_slo_s, tpot_slo_s
+        self.limits = BatchLimits(max_num_seqs, max_num_batched_tokens)
         self.min, self.max = min_replicas, max_replicas
         self.rate, self.isl, self.osl = _Kalman(), _Kalman(), _Kalman()
         self._in_flight = 0.0
@@ -133,8 +134,7 @@ class DynamoPlannerPolicy:
         if self.isl.level is None:
             return _hold(obs, obs.desired_replicas, "warming up")
         mix = QueryMix(max(1.0, self.isl.level), max(1.0, self.osl.level))
-        limits = BatchLimits(self.max_num_seqs, self.model.params.max_num_batched_tokens)
-        capacity = self.model.capacity(mix, self.tpot_slo, self.ttft_slo, limits).rate
+        capacity = self.model.capacity(mix, self.tpot_slo, self.ttft_slo, self.limits).rate
         desired = max(self.min, min(self.max, math.ceil(demand / capacity))) if demand > 0 else self.min
         return _hold(obs, desired, f"dynamo demand {demand:.1f} req/s / {capacity:.1f} per engine")
 

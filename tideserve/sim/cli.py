@@ -31,21 +31,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-scale", type=float, default=1.0, help="compress time: 2 = twice as fast")
     parser.add_argument("--season-period", type=float, default=None,
                         help="seasonal period of the trace in (scaled) seconds; default: a day / time scale")
-    parser.add_argument("--ttft-ms", type=float, default=2000.0)
-    parser.add_argument("--tpot-ms", type=float, default=50.0)
-    parser.add_argument("--percentile", type=float, default=90.0, help="SLO percentile (for windows and llm-d)")
-    parser.add_argument("--attainment", type=float, default=0.99, help="request-level attainment goal")
-    parser.add_argument("--startup-s", type=float, default=90.0, help="replica cold start")
-    parser.add_argument("--calibration", help="JSON of step-time parameters (default: 8B model on an H100)")
-    parser.add_argument("--max-replicas", type=int, default=64)
+    parser.add_argument("--deployment", default=None,
+                        help="the LLMDeployment YAML whose autoscaler is simulated, mapped as the operator maps it "
+                             "(CRD defaults for every field it does not set); default: tideserve/data/"
+                             "simulate-llmdeployment.yaml (8B on H100, 99%% of requests within TTFT 2 s and TPOT "
+                             "50 ms, maxReplicas 64). The flags below override its fields")
+    parser.add_argument("--ttft-ms", type=float, help="override spec.slo.ttft.targetMs")
+    parser.add_argument("--tpot-ms", type=float, help="override spec.slo.tpot.targetMs")
+    parser.add_argument("--percentile", type=float,
+                        help="override both objectives' percentile (the SLO quantile of windows, and llm-d's)")
+    parser.add_argument("--attainment", type=float,
+                        help="override spec.slo.targetAttainment: the share of requests within both targets")
+    parser.add_argument("--max-replicas", type=int, help="override spec.autoscaling.maxReplicas")
+    parser.add_argument("--max-num-seqs", type=int, help="override spec.engine.maxNumSeqs (the engine's batch "
+                        "limit at start, which every baseline keeps)")
+    parser.add_argument("--startup-s", type=float, default=90.0,
+                        help="the simulated replicas' cold start (the autoscaler learns it; until then it assumes "
+                             "spec.seasonality.leadTimeSeconds)")
+    parser.add_argument("--calibration",
+                        help="JSON of the simulated engine's true step-time parameters (default: 8B model on an "
+                             "H100); the autoscaler starts from its own bootstrap profile and calibrates online")
     parser.add_argument("--gpu-quota", type=int, help="replicas beyond this stay Pending")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit at start")
     parser.add_argument("--kubeai-target", type=float, default=100.0, help="KubeAI targetRequests")
     parser.add_argument("--workers", type=int, default=min(2, multiprocessing.cpu_count()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hindsight", action="store_true",
                         help="also compute the hindsight bound: replicas scheduled from the trace's future arrivals "
                              "(a bound for the comparison, not a baseline; 32 extra simulations)")
+
+
+DEFAULT_DEPLOYMENT = "simulate-llmdeployment.yaml"
+
+
+def simulated_deployment(args) -> dict:
+    """The LLMDeployment under simulation, defaulted and checked as the operator would, with the command line's
+    overrides; fills args' targets from it (every policy is judged on the same ones). Raises ValueError."""
+    import copy
+    import importlib.resources
+
+    from tideserve.local.deployment import DeploymentError, read
+    from tideserve.operator.resource import defaulted, schema_errors
+    from tideserve.operator.validation import validate
+
+    path = args.deployment or importlib.resources.files("tideserve.data").joinpath(DEFAULT_DEPLOYMENT)
+    try:
+        llmd = copy.deepcopy(read(path))
+    except DeploymentError as exc:
+        raise ValueError(str(exc)) from None
+    spec = llmd["spec"]
+    slo, autoscaling, engine = spec.setdefault("slo", {}), spec["autoscaling"], spec["engine"]
+    for name, value in (("ttft", args.ttft_ms), ("tpot", args.tpot_ms)):
+        if value is not None:
+            slo.setdefault(name, {})["targetMs"] = value
+    for name in ("ttft", "tpot"):
+        if args.percentile is not None and name in slo:
+            slo[name]["percentile"] = args.percentile
+    for obj, key, value in ((slo, "targetAttainment", args.attainment), (autoscaling, "maxReplicas", args.max_replicas),
+                            (engine, "maxNumSeqs", args.max_num_seqs)):
+        if value is not None:
+            obj[key] = value
+    if autoscaling.get("mode", "off") == "off":
+        autoscaling["mode"] = "active"  # simulating its autoscaler is the point
+    llmd = defaulted(llmd)
+    problems = schema_errors(llmd) or [f"{e.field}: {e.message}" for e in validate(llmd)]
+    if problems:
+        raise ValueError(f"{path} with the command line's overrides: " + "; ".join(problems))
+    spec = llmd["spec"]
+    # What every policy is judged on, and the engine's starting limits (which the baselines keep).
+    args.ttft_ms = spec["slo"]["ttft"]["targetMs"] if "ttft" in spec["slo"] else 60_000.0
+    args.tpot_ms = spec["slo"]["tpot"]["targetMs"] if "tpot" in spec["slo"] else 2_000.0
+    args.percentile = max(o["percentile"] for o in (spec["slo"].get("ttft"), spec["slo"].get("tpot")) if o)
+    args.attainment = spec["slo"]["targetAttainment"]
+    args.max_replicas = spec["autoscaling"]["maxReplicas"]
+    args.max_num_seqs = spec["engine"]["maxNumSeqs"]
+    args._max_num_batched_tokens = spec["engine"]["maxNumBatchedTokens"]
+    return llmd
 
 
 def _load_workload(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,33 +130,36 @@ def _peak_and_mean(arrivals, inputs, outputs, window_s: float = 300.0):
 
 
 def build_policy(name: str, args, params, workload):
-    from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
     from tideserve.autoscaler.perf_model import BatchLimits, PerformanceModel
-    from tideserve.autoscaler.slo import PercentileSLO
+    from tideserve.autoscaler.policy import TideservePolicy
+    from tideserve.autoscaler.spec import SEASON_SLOTS, policy_config
     from tideserve.sim import baselines as b
 
     ttft_s, tpot_s = args.ttft_ms / 1000, args.tpot_ms / 1000
     _, mean_rate, mean_mix = _peak_and_mean(*workload)
     if name == "tideserve":
-        period = args.season_period or 86400.0 / args.time_scale
-        return TideservePolicy(PolicyConfig(
-            ttft=PercentileSLO(args.percentile, ttft_s), tpot=PercentileSLO(args.percentile, tpot_s),
-            attainment_target=args.attainment, max_replicas=args.max_replicas, season_period_s=period,
-            season_slot_s=period / 144, default_startup_s=args.startup_s, bootstrap=params))
+        # The shipped mapping and bootstrap, as in a cluster: never the simulated engine's own coefficients.
+        config = policy_config(args._deployment["spec"])
+        if args.season_period is not None or args.time_scale != 1.0:
+            # Compressed time compresses the seasonal period too (below what the CRD allows a real one).
+            config.season_period_s = args.season_period or config.season_period_s / args.time_scale
+            config.season_slot_s = config.season_period_s / SEASON_SLOTS
+        return TideservePolicy(config)
     if name == "static-peak":  # the replica count comes from _static_peak_search
         return b.StaticPolicy(name, args._static_peak)
     if name == "static-mean":
         return b.StaticPolicy(name, max(1, math.ceil(mean_rate / args._replica_capacity)))
     if name == "hpa":
         model = PerformanceModel(params)
-        limits = BatchLimits(args.max_num_seqs, params.max_num_batched_tokens)
+        limits = BatchLimits(args.max_num_seqs, args._max_num_batched_tokens)
         capacity = model.capacity(mean_mix, tpot_s, ttft_s, limits).rate
         target = 0.7 * capacity * mean_mix.mean_output * model.step_time_at(0.7 * capacity, mean_mix)
         return b.HPAPolicy(max(1.0, target), max_replicas=args.max_replicas)
     if name == "llm-d":
         return b.LlmdSLOPolicy(ttft_s, tpot_s, max_replicas=args.max_replicas)
     if name == "dynamo":
-        return b.DynamoPlannerPolicy(params, ttft_s, tpot_s, args.max_num_seqs, max_replicas=args.max_replicas)
+        return b.DynamoPlannerPolicy(params, ttft_s, tpot_s, args.max_num_seqs, args._max_num_batched_tokens,
+                                     max_replicas=args.max_replicas)
     if name == "kubeai":
         return b.KubeAIPolicy(args.kubeai_target, max_replicas=args.max_replicas)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
@@ -119,7 +182,8 @@ def replica_capacity(args, params, workload, seconds: float = 600.0) -> float:
         arrivals = np.cumsum(rng.exponential(1 / rate, n))
         pick = rng.integers(0, len(inputs), n)
         result = Simulation(arrivals, inputs[pick], outputs[pick], StaticPolicy("static", 1), SimConfig(
-            params=params, initial_replicas=1, initial_max_num_seqs=args.max_num_seqs)).run()
+            params=params, initial_replicas=1, initial_max_num_seqs=args.max_num_seqs,
+            initial_max_num_batched_tokens=args._max_num_batched_tokens)).run()
         return summarize(result, args.ttft_ms / 1000, args.tpot_ms / 1000)["request_attainment"]
 
     goal = min(args.attainment, attainment(0.2) - 0.002)
@@ -143,7 +207,8 @@ def _simulate(policy, args, params, workload, initial: int, max_num_batched_toke
 
     return Simulation(*workload, policy, SimConfig(
         params=params, startup_s=args.startup_s, initial_replicas=initial, initial_max_num_seqs=args.max_num_seqs,
-        initial_max_num_batched_tokens=max_num_batched_tokens, gpu_quota=args.gpu_quota)).run()
+        initial_max_num_batched_tokens=max_num_batched_tokens or args._max_num_batched_tokens,
+        gpu_quota=args.gpu_quota)).run()
 
 
 def _static_peak_search(args, params, workload):
@@ -254,6 +319,11 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration:
         with open(args.calibration) as f:
             params = StepTimeParams.from_dict(json.load(f))
+    try:
+        args._deployment = simulated_deployment(args)
+    except ValueError as exc:
+        print(f"invalid deployment: {exc}", file=sys.stderr)
+        return 2
     try:
         workload = _load_workload(args)
     except (OSError, ValueError) as exc:
