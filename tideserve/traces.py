@@ -8,6 +8,7 @@ of the cluster, so everything here is pure: no I/O beyond reading and writing tr
 from __future__ import annotations
 
 import csv
+import json
 import math
 import random
 from dataclasses import dataclass, replace
@@ -38,12 +39,18 @@ def resolve_trace(path_or_name: str | Path) -> Path:
     return BUILTIN_TRACES.get(str(path_or_name), Path(path_or_name))
 
 
+MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
+
+
 def load_trace(path_or_name: str | Path) -> list[TraceRequest]:
-    """Read a canonical or Azure 2023 trace CSV (detected from its header), sorted by arrival.
+    """Read a canonical or Azure 2023 trace CSV (detected from its header), or a Mooncake JSON-lines trace
+    (`.jsonl`: timestamp in milliseconds, input_length, output_length), sorted by arrival.
 
     Azure timestamps become seconds since the earliest row, so every trace starts at 0.
     """
     path = resolve_trace(path_or_name)
+    if path.suffix == ".jsonl":
+        return _load_mooncake(path)
     # utf-8-sig: CSVs saved by spreadsheet tools often start with a byte-order mark that would corrupt the first column.
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -64,6 +71,25 @@ def load_trace(path_or_name: str | Path) -> list[TraceRequest]:
         raise ValueError(f"{path}: trace has no requests")
     # A stable sort keeps the file order of simultaneous arrivals.
     return sorted(requests, key=lambda r: r.arrival_s)
+
+
+def _load_mooncake(path: Path) -> list[TraceRequest]:
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+                requests.append(TraceRequest(float(row["timestamp"]) / 1000.0, int(row["input_length"]),
+                                             int(row["output_length"])))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{line}: expected a JSON object with {', '.join(MOONCAKE_FIELDS)} "
+                                 f"({exc.__class__.__name__}: {exc})") from None
+    if not requests:
+        raise ValueError(f"{path}: trace has no requests")
+    start = min(r.arrival_s for r in requests)
+    return sorted((replace(r, arrival_s=r.arrival_s - start) for r in requests), key=lambda r: r.arrival_s)
 
 
 def _parse_row(path: Path, line: int, row: dict, columns: tuple[str, str, str], parse_arrival) -> TraceRequest:

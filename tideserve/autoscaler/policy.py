@@ -391,6 +391,9 @@ class TideservePolicy:
         while self._recommendations and self._recommendations[0][0] < obs.time - horizon:
             self._recommendations.popleft()
         if needed > current:
+            if obs.waiting > 0 and self._smoothed_pressure > 1.0:
+                # A queue that grows while the tail misses is not noise: no stabilization window for it.
+                return min(current + c.max_step_up, needed)
             window = [r for t, r in self._recommendations if t >= obs.time - c.scale_up_stabilization_s]
             return min(current + c.max_step_up, min(window) if window else needed)
         if needed < current:

@@ -64,15 +64,18 @@ class HPAPolicy:
 
 
 class LlmdSLOPolicy:
-    """llm-d's SLO-aware KEDA recipe: s = max(P90 TTFT/SLO, P90 TPOT/SLO) clamped at 2 and smoothed over 45 s;
+    """llm-d's SLO-aware KEDA recipe: s = max(P90 TTFT/SLO, P90 TPOT/SLO) clamped at 2 and smoothed over 45 s
+    (the recipe's P90; `percentile` reads another quantile, e.g. the attainment goal's);
     scale up when s > 0.55 by n*(s*c/0.55 - 1), down when s < 0.40 by n*(1 - s/0.40); HPA behaviour: up at most
     max(100%, 4 pods) per 60 s, down 1 pod per 120 s. c = ready / provisioned replicas."""
 
     name = "llm-d"
     interval_s = 15.0
 
-    def __init__(self, ttft_slo_s: float, tpot_slo_s: float, min_replicas: int = 1, max_replicas: int = 32):
+    def __init__(self, ttft_slo_s: float, tpot_slo_s: float, min_replicas: int = 1, max_replicas: int = 32,
+                 percentile: float = 90.0, name: str = "llm-d"):
         self.ttft_slo, self.tpot_slo = ttft_slo_s, tpot_slo_s
+        self.quantile, self.name = percentile / 100, name
         self.min, self.max = min_replicas, max_replicas
         self.samples: deque[tuple[float, float]] = deque()
         self.last_up = self.last_down = -math.inf
@@ -82,9 +85,9 @@ class LlmdSLOPolicy:
         tpot = obs.tpot if obs.tpot is not None and obs.tpot.count else obs.itl
         ratios = []
         if obs.ttft is not None and obs.ttft.count:
-            ratios.append(obs.ttft.quantile(0.9) / self.ttft_slo)
+            ratios.append(obs.ttft.quantile(self.quantile) / self.ttft_slo)
         if tpot is not None and tpot.count:
-            ratios.append(tpot.quantile(0.9) / self.tpot_slo)
+            ratios.append(tpot.quantile(self.quantile) / self.tpot_slo)
         if ratios:
             self.samples.append((obs.time, min(2.0, max(ratios))))
         while self.samples and self.samples[0][0] < obs.time - 45:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-POLICIES = ("tideserve", "static-peak", "static-mean", "hpa", "llm-d", "dynamo", "kubeai")
+POLICIES = ("tideserve", "static-peak", "static-mean", "hpa", "llm-d", "llm-d-goal", "dynamo", "kubeai")
 # The hindsight bound's search: token budgets around the one whose busy step fits a 50 ms TPOT on an H100
 # (512 to 1024 tokens) and the engine default, and bisections of the per-replica rate (0.5x to 2x the
 # benchmark capacity, ~1% resolution after 8).
@@ -21,7 +21,7 @@ HINDSIGHT_SCAN = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", required=True,
+    parser.add_argument("--trace",
                         help="canonical CSV (arrival_s,input_tokens,output_tokens), an Azure 2023 CSV, or azure-conv / "
                              "azure-code; `tideserve trace` converts ServeGen")
     parser.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated, from: {', '.join(POLICIES)}")
@@ -55,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeai-target", type=float, default=100.0, help="KubeAI targetRequests")
     parser.add_argument("--workers", type=int, default=min(2, multiprocessing.cpu_count()))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tuned", action="store_true",
+                        help="also run every baseline on the static limits that benchmark best on this trace "
+                             "(rows NAME-tuned)")
+    parser.add_argument("--battery", action="store_true",
+                        help="run the scenario battery (tideserve/sim/battery.py) instead of one trace; with --json "
+                             "and --plot for the scoreboard; needs ../shared/traces (or --shared)")
+    parser.add_argument("--quick", action="store_true", help="the battery's quick subset (implies --battery)")
+    parser.add_argument("--shared", default=None, help="the folder holding traces/ for the battery (default: "
+                                                       "../shared next to the working directory)")
     parser.add_argument("--hindsight", action="store_true",
                         help="also compute the hindsight bound: replicas scheduled from the trace's future arrivals "
                              "(a bound for the comparison, not a baseline; 32 extra simulations)")
@@ -155,8 +164,11 @@ def build_policy(name: str, args, params, workload):
         capacity = model.capacity(mean_mix, tpot_s, ttft_s, limits).rate
         target = 0.7 * capacity * mean_mix.mean_output * model.step_time_at(0.7 * capacity, mean_mix)
         return b.HPAPolicy(max(1.0, target), max_replicas=args.max_replicas)
-    if name == "llm-d":
-        return b.LlmdSLOPolicy(ttft_s, tpot_s, max_replicas=args.max_replicas)
+    if name == "llm-d":  # the recipe as published: P90 (the deployment's percentile where it names one)
+        return b.LlmdSLOPolicy(ttft_s, tpot_s, max_replicas=args.max_replicas, percentile=args.percentile)
+    if name == "llm-d-goal":  # the same rule on the attainment goal's quantile (p99 for a 99% goal)
+        return b.LlmdSLOPolicy(ttft_s, tpot_s, max_replicas=args.max_replicas, percentile=100 * args.attainment,
+                               name="llm-d-goal")
     if name == "dynamo":
         return b.DynamoPlannerPolicy(params, ttft_s, tpot_s, args.max_num_seqs, args._max_num_batched_tokens,
                                      max_replicas=args.max_replicas)
@@ -285,56 +297,76 @@ def _hindsight_search(args, params, workload):
     return best[1], best[2]
 
 
+TUNED_SUFFIX = "-tuned"
+# The static limits a baseline may be tuned to: the hindsight bound's token budgets and vLLM's H100 default, with
+# vLLM's two max_num_seqs defaults.
+TUNED_GRID = tuple((seqs, budget) for budget in HINDSIGHT_TOKEN_BUDGETS + (8192,) for seqs in (256, 1024))
+
+
 def _run_one(task):
     name, args, params, workload = task
     from tideserve.sim.report import summarize
 
     started = time.perf_counter()
-    if name == "static-peak":
+    base = name.removesuffix(TUNED_SUFFIX)
+    if base != name:  # the same baseline on the best static limits for this trace
+        args = tuned_args(args)
+    if base == "static-peak":
         summary, result = _static_peak_search(args, params, workload)
-    elif name == "hindsight":
+    elif base == "hindsight":
         summary, result = _hindsight_search(args, params, workload)
     else:
         arrivals = workload[0]
-        # Every policy starts warm, with the replicas the first five minutes need at the benchmarked capacity.
-        first_rate = np.count_nonzero(arrivals < arrivals[0] + 300) / 300
-        initial = max(1, math.ceil(first_rate / args._replica_capacity))
-        result = _simulate(build_policy(name, args, params, workload), args, params, workload, initial)
+        if getattr(args, "cold", False):  # every policy starts at minReplicas
+            initial = args._deployment["spec"]["autoscaling"]["minReplicas"]
+        else:  # warm, with the replicas the first five minutes need at the benchmarked capacity
+            first_rate = np.count_nonzero(arrivals < arrivals[0] + 300) / 300
+            initial = max(1, math.ceil(first_rate / args._replica_capacity))
+        result = _simulate(build_policy(base, args, params, workload), args, params, workload, max(1, initial))
         summary = summarize(result, args.ttft_ms / 1000, args.tpot_ms / 1000, args.percentile)
+    summary["policy"] = name
     summary["sim_seconds"] = time.perf_counter() - started
+    result.policy = name
     result.arrival = result.ttft = result.tpot = result.output_tokens = np.empty(0)  # keep the IPC small
     return summary, result
 
 
-def run(args: argparse.Namespace) -> int:
-    from tideserve.autoscaler.perf_model import H100_8B, StepTimeParams
-    from tideserve.sim.report import compare, format_table, plot, write_json
+def tuned_args(args):
+    """args with the engine's limits at the tuned ones (and the one-replica capacity measured there)."""
+    import copy
 
-    names = [n.strip() for n in args.policy.split(",") if n.strip()]
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown or not names:
-        print(f"unknown policy: {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}", file=sys.stderr)
-        return 2
-    params = H100_8B
-    if args.calibration:
-        with open(args.calibration) as f:
-            params = StepTimeParams.from_dict(json.load(f))
-    try:
-        args._deployment = simulated_deployment(args)
-    except ValueError as exc:
-        print(f"invalid deployment: {exc}", file=sys.stderr)
-        return 2
-    try:
-        workload = _load_workload(args)
-    except (OSError, ValueError) as exc:
-        print(f"cannot read trace: {exc}", file=sys.stderr)
-        return 2
+    tuned = copy.copy(args)
+    tuned.max_num_seqs, tuned._max_num_batched_tokens = args._tuned_limits
+    tuned._replica_capacity = args._tuned_capacity
+    return tuned
+
+
+def tune_static_limits(args, params, workload) -> tuple[tuple[int, int], float]:
+    """The static (max_num_seqs, token budget) that gives one replica the highest benchmarked SLO capacity on
+    this trace's mix: what an operator tuning vLLM's flags by benchmark would pick (TUNED_GRID)."""
+    import copy
+
+    best = None
+    for seqs, budget in TUNED_GRID:
+        trial = copy.copy(args)
+        trial.max_num_seqs, trial._max_num_batched_tokens = seqs, budget
+        capacity = replica_capacity(trial, params, workload)
+        if best is None or capacity > best[1]:
+            best = ((seqs, budget), capacity)
+    return best
+
+
+def evaluate(args, params, workload, names: list[str], label: str) -> tuple[dict, list]:
+    """Every policy on one workload: prints the table and the comparison, returns the JSON payload and the
+    simulation results (for plots)."""
+    from tideserve.sim.report import compare, format_table
+
     started = time.perf_counter()
     args._replica_capacity = replica_capacity(args, params, workload)
-    if args.hindsight:
-        names.append("hindsight")
+    if any(n.endswith(TUNED_SUFFIX) for n in names):
+        args._tuned_limits, args._tuned_capacity = tune_static_limits(args, params, workload)
     # The searches run several simulations each: start them first so the pool packs the rest around them.
-    order = sorted(names, key=lambda n: n not in ("hindsight", "static-peak"))
+    order = sorted(names, key=lambda n: n.removesuffix(TUNED_SUFFIX) not in ("hindsight", "static-peak"))
     tasks = [(n, args, params, workload) for n in order]
     if args.workers > 1 and len(tasks) > 1:
         with multiprocessing.get_context("fork").Pool(min(args.workers, len(tasks))) as pool:
@@ -343,11 +375,16 @@ def run(args: argparse.Namespace) -> int:
         outcomes = [_run_one(t) for t in tasks]
     outcomes.sort(key=lambda o: names.index(o[0]["policy"]))
     summaries = [s for s, _ in outcomes]
-    print(f"trace {args.trace}: {len(workload[0])} requests over {workload[0][-1] / 3600:.2f} h; SLO p{args.percentile:g} "
+    print(f"trace {label}: {len(workload[0])} requests over {workload[0][-1] / 3600:.2f} h; SLO p{args.percentile:g} "
           f"TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms; simulated in {time.perf_counter() - started:.1f} s")
     print(format_table(summaries))
     verdict = compare(summaries, attainment_goal=args.attainment)
     verdict["replica_capacity_rps"] = args._replica_capacity
+    if hasattr(args, "_tuned_limits"):
+        verdict["tuned_limits"] = {"max_num_seqs": args._tuned_limits[0],
+                                   "max_num_batched_tokens": args._tuned_limits[1],
+                                   "replica_capacity_rps": args._tuned_capacity}
+    verdict["infeasible_share"] = infeasible_share(args, params, workload)
     verdict["oracle_gpu_hours"] = oracle_gpu_hours(workload[0], args._replica_capacity)
     static_peak = next((s for s in summaries if s["policy"] == "static-peak"), None)
     if static_peak:
@@ -363,10 +400,67 @@ def run(args: argparse.Namespace) -> int:
                 verdict[key] = hindsight["gpu_hours"] / peer["gpu_hours"]
     for key, value in verdict.items():
         print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+    payload = {"trace": label, "requests": len(workload[0]), "args": {
+        k: v for k, v in vars(args).items() if not k.startswith("_")}, "policies": summaries, "comparison": verdict}
+    return payload, [r for _, r in outcomes]
+
+
+def infeasible_share(args, params, workload, budget: int = 8192) -> float:
+    """Share of requests whose own prefill on an idle replica of the true engine (largest token budget)
+    outlasts the TTFT target: misses that no policy can avoid."""
+    from tideserve.autoscaler.perf_model import BatchLimits, PerformanceModel
+
+    longest = PerformanceModel(params).max_feasible_prompt(args.ttft_ms / 1000, BatchLimits(1, budget))
+    return float(np.mean(workload[1] > longest))
+
+
+def engine_params(args):
+    """The simulated engine's true step-time parameters: --calibration, else the 8B-on-H100 profile."""
+    from tideserve.autoscaler.perf_model import H100_8B, StepTimeParams
+
+    if not args.calibration:
+        return H100_8B
+    with open(args.calibration) as f:
+        return StepTimeParams.from_dict(json.load(f))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tideserve.sim.report import plot, write_json
+
+    if args.battery or args.quick:
+        from tideserve.sim.battery import run_battery
+
+        return run_battery(args)
+    if not args.trace:
+        print("--trace is required (or --battery)", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    if args.tuned:
+        names += [n + TUNED_SUFFIX for n in names if n not in ("tideserve", "hindsight")]
+    unknown = [n for n in names if n.removesuffix(TUNED_SUFFIX) not in POLICIES]
+    if unknown or not names:
+        print(f"unknown policy: {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}", file=sys.stderr)
+        return 2
+    try:
+        params = engine_params(args)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"cannot read --calibration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        args._deployment = simulated_deployment(args)
+    except ValueError as exc:
+        print(f"invalid deployment: {exc}", file=sys.stderr)
+        return 2
+    try:
+        workload = _load_workload(args)
+    except (OSError, ValueError) as exc:
+        print(f"cannot read trace: {exc}", file=sys.stderr)
+        return 2
+    if args.hindsight:
+        names.append("hindsight")
+    payload, results = evaluate(args, params, workload, names, args.trace)
     if args.json:
-        write_json(args.json, {"trace": args.trace, "requests": len(workload[0]), "args": {
-            k: v for k, v in vars(args).items() if not k.startswith("_")}, "policies": summaries,
-            "comparison": verdict})
+        write_json(args.json, payload)
     if args.plot:
-        plot([r for _, r in outcomes], args.plot, args.ttft_ms / 1000, args.tpot_ms / 1000, title=args.trace)
+        plot(results, args.plot, args.ttft_ms / 1000, args.tpot_ms / 1000, title=args.trace)
     return 0
