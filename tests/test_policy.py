@@ -263,3 +263,11 @@ def test_replicas_are_capped_by_what_the_load_keeps_busy():
         obs = window(15 * i, replicas=2, finished=30, ttft=6.0, tpot=0.2, running=3)
         d = p.decide(obs)
     assert d.details["useful_replicas"] <= 3 and d.replicas <= 3, d.reason
+
+
+def test_a_scale_up_stabilization_window_never_scales_down():
+    """A lower recommendation earlier in the window holds the count; it must not cut it."""
+    p = policy(scale_up_stabilization_s=60.0)
+    p.decide(window(15, replicas=8, finished=15 * 10))  # light: recommends fewer than 8
+    d = p.decide(window(30, replicas=8, finished=15 * 400))  # heavy now: recommends more
+    assert d.replicas >= 8, d.reason

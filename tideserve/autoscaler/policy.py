@@ -394,8 +394,10 @@ class TideservePolicy:
             if obs.waiting > 0 and self._smoothed_pressure > 1.0:
                 # A queue that grows while the tail misses is not noise: no stabilization window for it.
                 return min(current + c.max_step_up, needed)
+            # The lowest recommendation of the window, but never below the current count: an earlier, lower
+            # one must not turn a scale-up into a scale-down that bypasses every scale-down guard.
             window = [r for t, r in self._recommendations if t >= obs.time - c.scale_up_stabilization_s]
-            return min(current + c.max_step_up, min(window) if window else needed)
+            return min(current + c.max_step_up, max(current, min(window) if window else needed))
         if needed < current:
             if obs.time - self._started < c.scale_down_stabilization_s:
                 return current  # not yet a full window of evidence
