@@ -38,6 +38,8 @@ class AutoscalerMetrics:
         self.predicted_attainment = gauge("predicted_attainment", "Share of requests the plan expects within SLO.")
         self.budget_remaining = gauge("error_budget_remaining", "Share of the error budget unspent (1 = untouched).")
         self.burn_rate = gauge("error_budget_burn_rate", "Error budget spent per budget allowed, recent windows.")
+        self.infeasible_share = gauge("infeasible_share", "Share of recent requests whose prompt no replica prefills "
+                                                          "within the TTFT target (SLOInfeasible).")
         self.decisions = Counter("tideserve_autoscaler_decisions", "Decisions by action and reason code.",
                                  (*LABELS, "action", "reason"), registry=r)
         self.stale_windows = Counter("tideserve_autoscaler_stale_windows", "Windows held for stale metrics.",
@@ -63,7 +65,8 @@ class AutoscalerMetrics:
                   self.capacity_per_replica: d.get("capacity_per_replica"), self.ttft_seconds: d.get("ttft_p"),
                   self.tpot_seconds: d.get("tpot_p"), self.attainment: d.get("attainment"),
                   self.predicted_attainment: decision.predicted_attainment,
-                  self.budget_remaining: d.get("budget_remaining"), self.burn_rate: d.get("burn_rate")}
+                  self.budget_remaining: d.get("budget_remaining"), self.burn_rate: d.get("burn_rate"),
+                  self.infeasible_share: d.get("infeasible_share")}
         for gauge, value in values.items():
             if isinstance(value, (int, float)):
                 self._labels(gauge, *key).set(value)

@@ -1,6 +1,7 @@
 """What the autoscaling loop writes into an LLMDeployment's status, and the events it posts: pure functions.
 
-The loop owns status.autoscaling and status.metrics and two conditions, SLOMet and MetricsStale; it also
+The loop owns status.autoscaling and status.metrics and three conditions, SLOMet, MetricsStale and
+SLOInfeasible (requests that no replica can serve within the TTFT target, so no scaling fixes); it also
 writes status.batchLimits, computed as reconcile computes it (status.batch_limits), so the two writers agree on
 it. Conditions are a list that a merge patch replaces whole: the loop sends the list it read with only its
 own two conditions replaced, under a resourceVersion precondition, and reconcile keeps conditions it does not
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tideserve.autoscaler.observation import Decision, Observation
-from tideserve.autoscaler.policy import PolicyConfig
+from tideserve.autoscaler.policy import MIN_INFEASIBLE_SHARE, PolicyConfig
 from tideserve.operator.status import changed_conditions, condition, timestamp
 
-SLO_MET, METRICS_STALE = "SLOMet", "MetricsStale"
-LOOP_CONDITIONS = (SLO_MET, METRICS_STALE)
+SLO_MET, METRICS_STALE, SLO_INFEASIBLE = "SLOMet", "MetricsStale", "SLOInfeasible"
+LOOP_CONDITIONS = (SLO_MET, METRICS_STALE, SLO_INFEASIBLE)
 NO_BASELINE = "no earlier sample to take a window from yet"
 MAX_MESSAGE = 2048
 REASON_CODES = ("MetricsStale", "CapacityLimited", "Forecast", "QueryMixShift", "Demand", "TPOT", "WithinCapacity")
@@ -102,7 +103,8 @@ def autoscaling_status(decision: Decision, obs: Observation, config: PolicyConfi
         "windowAttainment": _number(d.get("window_attainment")), "attainment": _number(d.get("attainment")),
         "targetAttainment": _number(config.attainment_target),
         "errorBudgetRemaining": _number(d.get("budget_remaining")), "burnRate": _number(d.get("burn_rate")),
-        "pressure": _number(d.get("smoothed_pressure"))})
+        "pressure": _number(d.get("smoothed_pressure")), "infeasibleShare": _number(d.get("infeasible_share")),
+        "maxFeasiblePromptTokens": _number(d.get("max_feasible_prompt"), 6)})
     load = _compact({
         "requestRate": _number(d.get("rate")), "demand": _number(d.get("demand")),
         "capacityPerReplica": _number(d.get("capacity_per_replica")), "limitedBy": d.get("limited_by"),
@@ -142,6 +144,17 @@ def loop_conditions(decision: Decision, obs: Observation, config: PolicyConfig, 
                                f"metrics of {obs.ready_replicas} ready replica(s) collected", generation, before, now))
     if not obs.stale:
         d = decision.details
+        share = d.get("infeasible_share")
+        if share is not None and share >= MIN_INFEASIBLE_SHARE:
+            found.append(condition(
+                SLO_INFEASIBLE, True, "PromptsTooLong",
+                f"{share:.1%} of requests have prompts over {d['max_feasible_prompt']:.0f} tokens, which no replica "
+                f"prefills within the {config.ttft.target_s * 1000:.0f} ms TTFT target: more replicas cannot fix "
+                "them, so the autoscaler plans over the other requests", generation, before, now))
+        elif share is not None:
+            found.append(condition(SLO_INFEASIBLE, False, "AllFeasible",
+                                   "every recent request can meet the TTFT target on an idle replica", generation,
+                                   before, now))
         attainment = d.get("attainment")
         tails = []
         if d.get("ttft_p") is not None:
@@ -181,6 +194,8 @@ def condition_events(previous: list[dict[str, Any]], current: list[dict[str, Any
                 events.append(LoopEvent("Warning", "MetricsStale", cond["message"]))
         elif cond["type"] == METRICS_STALE and cond["status"] == "False" and old.get("status") == "True":
             events.append(LoopEvent("Normal", "MetricsFresh", cond["message"]))
+        elif cond["type"] == SLO_INFEASIBLE and cond["status"] == "True":
+            events.append(LoopEvent("Warning", "SLOInfeasible", cond["message"]))
         elif cond["type"] == SLO_MET and cond["status"] == "False":
             events.append(LoopEvent("Warning", "SLOMissed", cond["message"]))
         elif cond["type"] == SLO_MET and cond["status"] == "True" and old.get("status") == "False":

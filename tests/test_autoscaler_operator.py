@@ -231,7 +231,18 @@ def test_conditions_for_fresh_stale_and_first_windows():
     obs, decision, policy = observe(spec)
     fresh = loop_status.loop_conditions(decision, obs, policy.config, first, 1, NOW)
     assert {c["type"]: (c["status"], c["reason"]) for c in fresh} == {"MetricsStale": ("False", "MetricsFresh"),
-                                                                      "SLOMet": ("True", "WithinTarget")}
+                                                                      "SLOMet": ("True", "WithinTarget"),
+                                                                      "SLOInfeasible": ("False", "AllFeasible")}
+    # Prompts too long for the TTFT target: SLOInfeasible with the share and the length, a Warning when it turns.
+    decision.details.update(infeasible_share=0.13, max_feasible_prompt=49152.0)
+    infeasible = loop_status.loop_conditions(decision, obs, policy.config, fresh, 1, NOW)
+    (cond,) = [c for c in infeasible if c["type"] == "SLOInfeasible"]
+    assert cond["status"] == "True" and cond["reason"] == "PromptsTooLong"
+    assert "13.0% of requests have prompts over 49152 tokens" in cond["message"]
+    assert [e.reason for e in loop_status.condition_events(fresh, infeasible)] == ["SLOInfeasible"]
+    auto = loop_status.autoscaling_status(decision, obs, policy.config, "active", None, NOW)
+    assert auto["slo"]["infeasibleShare"] == 0.13 and auto["slo"]["maxFeasiblePromptTokens"] == 49152
+    decision.details.update(infeasible_share=0.0)
     obs, decision, policy = observe(spec, broken=True)
     stale = loop_status.loop_conditions(decision, obs, policy.config, fresh, 1, NOW)
     assert [(c["type"], c["status"], c["reason"]) for c in stale] == [("MetricsStale", "True", "ScrapeFailed")]

@@ -81,7 +81,7 @@ def test_trace_and_simulate_commands(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads(out_json.read_text())
     names = [p["policy"] for p in results["policies"]]
-    assert names == ["tideserve", "static-peak", "static-mean", "hpa", "llm-d", "dynamo", "kubeai"]
+    assert names == ["tideserve", "static-peak", "static-mean", "hpa", "llm-d", "llm-d-goal", "dynamo", "kubeai"]
     for p in results["policies"]:
         assert 0 <= p["request_attainment"] <= 1 and p["gpu_hours"] > 0
         assert p["requests"] == len(head)

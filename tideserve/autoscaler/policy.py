@@ -18,8 +18,8 @@ Each interval:
     planned over the feasible requests only, and the token budget must keep the feasible prompts feasible;
  9. safety: min/max, bounded steps, stabilization windows, scale down only when N-1 replicas carry the demand
     with margin and latency has room, no further scale-up while new replicas are Pending or while a ready
-    replica sits idle with nothing waiting, never more replicas than the load's work keeps busy at
-    min_utilization, drain the least loaded.
+    replica sits idle (fewer requests in flight on average than ready replicas less one, none waiting), never
+    more replicas than the load's work keeps busy at min_utilization, drain the least loaded.
 """
 
 from __future__ import annotations
@@ -162,20 +162,22 @@ class TideservePolicy:
         if self._smoothed_pressure > 1.0 and obs.ready_replicas >= current:
             # The model under-predicts: the tail misses its target now. Add capacity in proportion (<= +25%).
             needed = max(needed, current + math.ceil(current * min(self._smoothed_pressure - 1.0, 0.25)))
-        useful = self._useful_replicas(obs, demand, plan_mix)
+        in_flight = self._mean_in_flight(obs)
+        useful = self._useful_replicas(demand, plan_mix, in_flight)
         needed = min(needed, useful)
         target = self._stabilize(obs, needed, demand, capacity.rate)
         reason, action = self._explain(current, target, current_limits, limits, demand, capacity, mix_shift)
-        idle = [r.name for r in obs.replicas if r.ready and not r.running and not r.waiting]
+        # Idle: on average fewer requests in flight than ready replicas less one, and none waiting.
+        idle = obs.ready_replicas >= 2 and in_flight < obs.ready_replicas - 1 and not obs.waiting
         seasonal_rise = forecast is not None and forecast.seasonal and forecast.rate > self._live_rate
         if target > current and obs.pending_replicas > 0:
             target, action = current, "hold"
             reason = (f"CapacityLimited: {obs.pending_replicas} new replica(s) still Pending; not adding more "
                       f"(wanted {needed})")
-        elif target > current and idle and not obs.waiting and not seasonal_rise:
+        elif target > current and idle and not seasonal_rise:
             target, action = current, "hold"
-            reason = (f"hold at {current}: ready replica(s) {', '.join(idle)} sit idle with nothing waiting; more "
-                      f"replicas would idle too (wanted {needed})")
+            reason = (f"hold at {current}: {in_flight:.1f} requests in flight on average over {obs.ready_replicas} "
+                      f"ready replicas and none waiting: a replica sits idle, more would idle too (wanted {needed})")
         if self.infeasible_share >= MIN_INFEASIBLE_SHARE:
             reason += (f"; SLOInfeasible: {100 * self.infeasible_share:.1f}% of requests have prompts over "
                        f"{self.max_feasible_prompt:.0f} tokens, which no replica prefills within the "
@@ -185,7 +187,7 @@ class TideservePolicy:
             "headroom": self.headroom, "mix": [plan_mix.mean_input, plan_mix.mean_output], "mix_shift": mix_shift,
             "lead_s": lead, "tpot_tail": self.tpot_tail, "ttft_tail": self.ttft_tail,
             "max_num_batched_tokens": limits.max_num_batched_tokens, "infeasible_share": self.infeasible_share,
-            "max_feasible_prompt": self.max_feasible_prompt, "useful_replicas": useful, **slo,
+            "max_feasible_prompt": self.max_feasible_prompt, "useful_replicas": useful, "in_flight": in_flight, **slo,
         }
         fc = None if forecast is None else {"rate": forecast.rate, "mean_input": forecast.mean_input,
                                             "mean_output": forecast.mean_output, "seasonal": forecast.seasonal,
@@ -278,13 +280,28 @@ class TideservePolicy:
             return 0.0  # no request is feasible: only the queueing is left to plan
         return min(self.max_feasible_prompt, pooled.quantile(self.quantile * (1 - self.infeasible_share)))
 
-    def _useful_replicas(self, obs: Observation, demand: float, mix: QueryMix) -> int:
+    def _useful_replicas(self, demand: float, mix: QueryMix, in_flight: float) -> int:
         """The most replicas the load can use: as many as keep min_utilization of their step time busy with the
         planned load's tokens (the calibrated model), or, where the model under-predicts, one per request in
         flight. A cap that no latency signal raises: a tail that more replicas cannot shorten must not buy them."""
         c = self.config
         work = demand * self.model.load_coefficient(mix)  # step-seconds per second of the load's tokens
-        return max(c.min_replicas, math.ceil(work / c.min_utilization), math.ceil(obs.running + obs.waiting))
+        return max(c.min_replicas, math.ceil(work / c.min_utilization), math.ceil(in_flight))
+
+    @staticmethod
+    def _mean_in_flight(obs: Observation) -> float:
+        """Requests in flight over the window: Little's law on the finished ones (their rate times their mean
+        latency, TTFT plus the decode), or the gauges at the window's end where they say more. The gauges alone
+        read 0 between short requests on a busy replica."""
+        gauges = obs.running + obs.waiting
+        ttft = obs.ttft.mean if obs.ttft is not None else None
+        tpot_hist = obs.tpot if obs.tpot is not None and obs.tpot.count else obs.itl
+        tpot = tpot_hist.mean if tpot_hist is not None else None
+        output = obs.generation_tokens.mean if obs.generation_tokens is not None else None
+        if ttft is None or obs.window_s <= 0:
+            return gauges
+        latency = ttft + (tpot or 0.0) * max(0.0, (output or 1.0) - 1)
+        return max(gauges, obs.requests_finished / obs.window_s * latency)
 
     @staticmethod
     def _window_mix(obs: Observation) -> QueryMix | None:
