@@ -257,7 +257,7 @@ class PerformanceModel:
         target, so TPOT stays inside the SLO even when load exceeds the plan and requests queue instead."""
         best: tuple[BatchLimits, ReplicaCapacity] | None = None
         for budget in token_budgets:
-            seqs = self._largest_batch(mix, tpot_target_s, budget)
+            seqs = self.largest_batch(mix, tpot_target_s, budget)
             if seqs < 1:
                 continue
             limits = BatchLimits(seqs, max(budget, seqs))
@@ -270,7 +270,8 @@ class PerformanceModel:
             best = (limits, self.capacity(mix, tpot_target_s, ttft_target_s, limits, tpot_tail, ttft_tail))
         return best
 
-    def _largest_batch(self, mix: QueryMix, tpot_target_s: float, budget: int) -> int:
+    def largest_batch(self, mix: QueryMix, tpot_target_s: float, budget: int) -> int:
+        """The largest batch whose busy step with this token budget fits the TPOT target (0: none does)."""
         lo, hi = 0, self.params.max_num_seqs
         while lo < hi:
             mid = (lo + hi + 1) // 2

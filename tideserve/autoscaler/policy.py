@@ -379,9 +379,16 @@ class TideservePolicy:
         c = self.config
         # With no feasible request at all there is no TTFT left to plan for: only TPOT, the batch and KV bound.
         ttft_s = math.inf if mix.tail_input == 0 else c.ttft.target_s
-        if c.manage_batch_limits and mix.tail_input is None:
+        budgets = TOKEN_BUDGETS
+        if mix.tail_input:
+            # Long prompts in the mix: only budgets that still prefill the feasible ones within the target (a
+            # smaller one, for the decodes' TPOT, would make them infeasible too) and that hold TPOT at all.
+            budgets = tuple(b for b in TOKEN_BUDGETS
+                            if self.model.max_feasible_prompt(ttft_s, BatchLimits(1, b)) >= mix.tail_input
+                            and self.model.largest_batch(mix, c.tpot.target_s, b) >= 1)
+        if c.manage_batch_limits and budgets:
             limits, capacity = self.model.choose_limits(mix, c.tpot.target_s, ttft_s, self.tpot_tail,
-                                                        self.ttft_tail)
+                                                        self.ttft_tail, token_budgets=budgets)
             planned = self.model.decode_batch_at(capacity.rate * self.headroom, mix, self.model.params.max_num_seqs)
             seqs = min(self.model.params.max_num_seqs, max(limits.max_num_seqs, math.ceil(BURST_FACTOR * planned)))
             limits = BatchLimits(seqs, max(limits.max_num_batched_tokens, seqs))
@@ -392,9 +399,7 @@ class TideservePolicy:
             busy = self.model.busy_step(min(planned, current.max_num_seqs), mix, current.max_num_batched_tokens)
             if busy <= c.tpot.target_s and kept.rate >= 0.9 * capacity.rate:
                 limits = current
-        else:
-            # Prompts near the TTFT limit need the whole token budget: a smaller one (for the decodes' TPOT) would
-            # make them infeasible too, so with long prompts in the mix the limits stay where they are.
+        else:  # vLLM, or no budget both keeps the feasible prompts feasible and holds TPOT: leave the limits be
             limits = current
         return limits, self.model.capacity(mix, c.tpot.target_s, ttft_s, limits, self.tpot_tail,
                                            self.ttft_tail)
