@@ -272,9 +272,12 @@ def test_metrics_use_vllm_names(worker, client):
         "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
         "vllm:request_success_total", "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket",
         "tideserve_max_num_seqs", "tideserve_max_num_batched_tokens", "tideserve_step_tokens_bucket",
-        "tideserve_step_seconds_bucket",
+        "tideserve_step_seconds_bucket", "tideserve_kv_cache_capacity_tokens",
     ]:
         assert name in text, name
+    # The KV capacity the autoscaler plans with is what the block manager holds.
+    manager = worker.engine.block_manager
+    assert f'tideserve_kv_cache_capacity_tokens{{model_name="tiny"}} {float(manager.num_blocks * manager.block_size)}' in text
     edges = [float(line.split('le="')[1].split('"')[0]) for line in text.splitlines()
              if line.startswith("vllm:time_to_first_token_seconds_bucket") and 'le="+Inf"' not in line]
     inside = [e for e in edges if 0.01 <= e <= 60]

@@ -516,3 +516,21 @@ def test_only_pods_of_the_deployments_own_replicasets_are_trusted():
             obj("not-controlled", "p5", "rs1", controller=False)]
     assert [p["metadata"]["name"] for p in source.owned_pods(pods, sets, deployment)] == ["a", "b"]
     assert source.owned_pods(pods, sets, None) == []
+
+
+def test_the_window_carries_the_smallest_replicas_kv_capacity():
+    """Two workers report their KV caches; one replica is planned to hold what the smaller one holds. A worker
+    that does not say (vLLM) leaves it unknown."""
+    aggregator = WindowAggregator()
+    samples = []
+    for name, tokens in (("a", 40_000), ("b", 25_000)):
+        m = EngineMetrics("m")
+        m.kv_capacity_tokens.set(tokens)
+        samples.append(ReplicaSample(name, T, True, T - 100, parse_exposition(generate_latest(m.registry).decode())))
+    obs = aggregator.observe(T, samples, desired_replicas=2, pending_replicas=0, max_num_seqs=256,
+                             max_num_batched_tokens=8192)
+    assert obs.kv_capacity_tokens == 25_000
+    silent = parse_exposition("vllm:num_requests_running 0\n")
+    obs = WindowAggregator().observe(T, [ReplicaSample("v", T, True, T - 100, silent)], desired_replicas=1,
+                                     pending_replicas=0, max_num_seqs=256, max_num_batched_tokens=8192)
+    assert obs.kv_capacity_tokens is None

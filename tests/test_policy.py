@@ -286,3 +286,14 @@ def test_a_scale_up_stabilization_window_never_scales_down():
     p.decide(window(15, replicas=8, finished=15 * 10))  # light: recommends fewer than 8
     d = p.decide(window(30, replicas=8, finished=15 * 400))  # heavy now: recommends more
     assert d.replicas >= 8, d.reason
+
+
+def test_the_kv_capacity_the_workers_report_replaces_the_bootstrap_guess():
+    """A replica whose KV cache holds a tenth of the profile's tokens is KV-bound on long contexts."""
+    p = policy()
+    before = p.decide(window(15, replicas=2, mean_in=4000, mean_out=1000))
+    obs = window(30, replicas=2, mean_in=4000, mean_out=1000)
+    obs.kv_capacity_tokens = H100_8B.kv_capacity_tokens / 10
+    after = p.decide(obs)
+    assert p.model.params.kv_capacity_tokens == H100_8B.kv_capacity_tokens // 10
+    assert after.details["capacity_per_replica"] < before.details["capacity_per_replica"]

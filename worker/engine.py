@@ -79,6 +79,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = self._eos_ids()
         self.metrics = metrics or EngineMetrics(self.model_name)
+        self.metrics.kv_capacity_tokens.set(self.runner.num_blocks * config.block_size)
         self.requests: dict[str, _Request] = {}
         self._commands: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()

@@ -56,6 +56,8 @@ class EngineMetrics:
         self.step_seqs = hist("tideserve_step_sequences", "Sequences per engine step.", TOKEN_COUNT_BUCKETS)
         self.step_time = hist("tideserve_step_seconds", "Engine step wall time.", STEP_BUCKETS)
         self.draining = gauge("tideserve_draining", "1 while the worker drains before exit.")
+        self.kv_capacity_tokens = gauge("tideserve_kv_cache_capacity_tokens",
+                                        "Tokens the KV cache holds (blocks x block size): the autoscaler's KV bound.")
 
     def request_finished(self, reason: str) -> None:
         self._success.labels(self._model_name, reason).inc()

@@ -15,7 +15,7 @@ and forgetting) from the step-time windows that workers export (tideserve_step_*
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -143,6 +143,11 @@ class PerformanceModel:
         self.params = StepTimeParams(*theta, self.params.kv_capacity_tokens, self.params.max_num_batched_tokens,
                                      self.params.max_num_seqs)
         self.samples += 1
+
+    def set_kv_capacity(self, tokens: int) -> None:
+        """What the workers report their KV cache holds replaces the bootstrap profile's guess."""
+        if tokens > 0 and tokens != self.params.kv_capacity_tokens:
+            self.params = replace(self.params, kv_capacity_tokens=int(tokens))
 
     def load_coefficient(self, mix: QueryMix) -> float:
         """k: seconds of step time added per (request/s) of this mix."""

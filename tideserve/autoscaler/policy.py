@@ -5,7 +5,8 @@ Each interval:
  1. stale or missing metrics -> hold everything and say so;
  2. SLO state from the window's histograms: tails at the planning quantile (the attainment goal, e.g. p99, so
     that 99% of requests meet the targets), window attainment, error-budget burn;
- 3. refit the performance model from the step-time statistics, and the tail factors (quantile over mean);
+ 3. refit the performance model from the step-time statistics (and take the KV capacity the workers report),
+    and the tail factors (quantile over mean);
  4. learn the rate and mix into the seasonal profiles, and detect a query-mix shift against the last hour;
  5. demand = max(the live arrival envelope plus what clears the queue, the forecast at now + start-up time);
  6. batch limits: among token budgets, the one whose busy step (a full prefill chunk beside the largest batch
@@ -247,6 +248,8 @@ class TideservePolicy:
         return state
 
     def _calibrate(self, obs: Observation) -> None:
+        if obs.kv_capacity_tokens:
+            self.model.set_kv_capacity(int(obs.kv_capacity_tokens))
         if obs.step_s and obs.steps and obs.step_seqs is not None and obs.step_tokens is not None:
             mix = self._window_mix(obs) or DEFAULT_MIX
             prefill = max(0.0, obs.step_tokens - obs.step_seqs)

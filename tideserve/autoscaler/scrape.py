@@ -27,6 +27,7 @@ GENERATION_TOKENS = "vllm:request_generation_tokens"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+KV_CAPACITY = "tideserve_kv_cache_capacity_tokens"
 STEP_SECONDS = "tideserve_step_seconds"
 STEP_SEQUENCES = "tideserve_step_sequences"
 STEP_TOKENS = "tideserve_step_tokens"
@@ -125,6 +126,7 @@ class WindowAggregator:
         histograms: dict[str, Histogram] = {}
         step_stats: dict[str, Histogram] = {}
         running = waiting = kv_usage = 0.0
+        kv_capacity: float | None = None  # the smallest replica's: what one replica can be planned to hold
         with_delta = 0
         for s in ready:
             if s.metrics is None:
@@ -133,6 +135,9 @@ class WindowAggregator:
             running += m.value(RUNNING) or 0.0
             waiting += m.value(WAITING) or 0.0
             kv_usage = max(kv_usage, m.value(*KV_USAGE) or 0.0)
+            capacity = m.value(KV_CAPACITY)
+            if capacity:
+                kv_capacity = capacity if kv_capacity is None else min(kv_capacity, capacity)
             before = self._previous.get(s.name)
             if before is not None and before.metrics is not None:
                 earlier = before.metrics
@@ -175,7 +180,7 @@ class WindowAggregator:
             ttft=histograms.get(TTFT), itl=histograms.get(ITL[0]), tpot=histograms.get(TPOT),
             queue_time=histograms.get(QUEUE_TIME), prompt_tokens=histograms.get(PROMPT_TOKENS),
             generation_tokens=histograms.get(GENERATION_TOKENS), requests_finished=e2e.count if e2e is not None else 0.0,
-            running=running, waiting=waiting, kv_usage=kv_usage, steps=n_steps,
+            running=running, waiting=waiting, kv_usage=kv_usage, kv_capacity_tokens=kv_capacity, steps=n_steps,
             step_s=step_mean(STEP_SECONDS), step_seqs=step_mean(STEP_SEQUENCES), step_tokens=step_mean(STEP_TOKENS),
             replica_startup_s=replica_startup_s,
             replicas=[ReplicaState(s.name, s.ready,

@@ -161,6 +161,7 @@ class Simulation:
             running=float(sum(r.running for r in self.replicas)),
             waiting=float(sum(len(r.waiting) for r in self.replicas) + len(self.held)),
             kv_usage=max((r.kv_usage for r in ready), default=0.0),
+            kv_capacity_tokens=float(self.params.kv_capacity_tokens) if ready else None,  # as workers export it
             steps=steps, step_s=step_time / steps if steps else None,
             step_seqs=step_seqs / steps if steps else None, step_tokens=step_tokens / steps if steps else None,
             replica_startup_s=self._last_startup,
