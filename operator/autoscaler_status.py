@@ -71,7 +71,7 @@ def reason_code(decision: Decision) -> str:
 
 def latency_p90(obs: Observation, now: datetime.datetime) -> dict[str, Any] | None:
     """status.metrics: p90 TTFT and TPOT over the last window; None when the window has no finished request."""
-    tpot_hist = obs.tpot if obs.tpot is not None and obs.tpot.count else obs.itl
+    tpot_hist = obs.decode_latency
     ttft = obs.ttft.quantile(0.9) if obs.ttft is not None and obs.ttft.count else None
     tpot = tpot_hist.quantile(0.9) if tpot_hist is not None and tpot_hist.count else None
     if ttft is None and tpot is None:

@@ -50,6 +50,11 @@ class Observation:
     replicas: list[ReplicaState] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # why the window is stale, for status and events
 
+    @property
+    def decode_latency(self) -> Histogram | None:
+        """Per-request TPOT where the workers export it and the window has some, else inter-token latency."""
+        return self.tpot if self.tpot is not None and self.tpot.count else self.itl
+
 
 @dataclass
 class Decision:

@@ -202,7 +202,7 @@ class TideservePolicy:
 
     def _slo_state(self, obs: Observation) -> dict:
         c = self.config
-        tpot_hist = obs.tpot if obs.tpot is not None and obs.tpot.count else obs.itl
+        tpot_hist = obs.decode_latency
         state: dict = {"ttft_p": None, "tpot_p": None, "pressure": None, "window_attainment": None}
         if obs.ttft is not None and obs.ttft.count:
             state["ttft_p"] = c.ttft.observed(obs.ttft)
@@ -298,7 +298,7 @@ class TideservePolicy:
         read 0 between short requests on a busy replica."""
         gauges = obs.running + obs.waiting
         ttft = obs.ttft.mean if obs.ttft is not None else None
-        tpot_hist = obs.tpot if obs.tpot is not None and obs.tpot.count else obs.itl
+        tpot_hist = obs.decode_latency
         tpot = tpot_hist.mean if tpot_hist is not None else None
         output = obs.generation_tokens.mean if obs.generation_tokens is not None else None
         if ttft is None or obs.window_s <= 0:

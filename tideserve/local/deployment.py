@@ -37,18 +37,23 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     if llmd.get("apiVersion") != API_VERSION:
         raise DeploymentError(f"apiVersion must be {API_VERSION}, not {llmd.get('apiVersion')!r}")
     llmd = defaulted(llmd)
-    problems = schema_errors(llmd) or [f"{e.field}: {e.message}" for e in validate(llmd)]
-    if problems:
-        raise DeploymentError(f"{path}: " + "; ".join(problems))
+    found = problems(llmd)
+    if found:
+        raise DeploymentError(f"{path}: " + "; ".join(found))
     return llmd
+
+
+def problems(llmd: dict[str, Any]) -> list[str]:
+    """What the API server (schema) or the operator (validation) would refuse in a defaulted LLMDeployment."""
+    return schema_errors(llmd) or [f"{e.field}: {e.message}" for e in validate(llmd)]
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """read(), and what this machine can run of it; a model directory is resolved next to the YAML file."""
     llmd = read(path)
-    problems = local_problems(llmd["spec"])
-    if problems:
-        raise DeploymentError(f"{path}: " + "; ".join(problems))
+    local = local_problems(llmd["spec"])
+    if local:
+        raise DeploymentError(f"{path}: " + "; ".join(local))
     source = llmd["spec"]["model"]["source"]
     if source["path"] not in BUILTIN_MODELS:  # a directory, relative to the YAML file
         source["path"] = str((Path(path).parent / source["path"]).resolve())
@@ -59,17 +64,17 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 def local_problems(spec: dict[str, Any]) -> list[str]:
     """What a cluster can run but this machine cannot."""
-    problems = []
+    found = []
     source = spec["model"]["source"]
     if "path" not in source:
-        problems.append("spec.model.source: the local runtime needs a path (a built-in model name or a local "
-                        "directory); it cannot download uri sources or mount a pvc")
+        found.append("spec.model.source: the local runtime needs a path (a built-in model name or a local "
+                     "directory); it cannot download uri sources or mount a pvc")
     if spec["engine"]["kind"] != "tideserve":
-        problems.append("spec.engine.kind: the local runtime runs the tideserve engine only")
+        found.append("spec.engine.kind: the local runtime runs the tideserve engine only")
     if "apiKeySecret" in spec:
-        problems.append("spec.apiKeySecret: Secrets do not exist locally; set TIDESERVE_API_KEY in the "
-                        "environment instead (the workers read it)")
-    return problems
+        found.append("spec.apiKeySecret: Secrets do not exist locally; set TIDESERVE_API_KEY in the "
+                     "environment instead (the workers read it)")
+    return found
 
 
 def cpu_threads(spec: dict[str, Any]) -> int:

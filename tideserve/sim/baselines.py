@@ -82,7 +82,7 @@ class LlmdSLOPolicy:
 
     def decide(self, obs: Observation) -> Decision:
         n = max(1, obs.desired_replicas)
-        tpot = obs.tpot if obs.tpot is not None and obs.tpot.count else obs.itl
+        tpot = obs.decode_latency
         ratios = []
         if obs.ttft is not None and obs.ttft.count:
             ratios.append(obs.ttft.quantile(self.quantile) / self.ttft_slo)

@@ -78,9 +78,8 @@ def simulated_deployment(args) -> dict:
     import copy
     import importlib.resources
 
-    from tideserve.local.deployment import DeploymentError, read
-    from tideserve.operator.resource import defaulted, schema_errors
-    from tideserve.operator.validation import validate
+    from tideserve.local.deployment import DeploymentError, problems, read
+    from tideserve.operator.resource import defaulted
 
     path = args.deployment or importlib.resources.files("tideserve.data").joinpath(DEFAULT_DEPLOYMENT)
     try:
@@ -102,9 +101,9 @@ def simulated_deployment(args) -> dict:
     if autoscaling.get("mode", "off") == "off":
         autoscaling["mode"] = "active"  # simulating its autoscaler is the point
     llmd = defaulted(llmd)
-    problems = schema_errors(llmd) or [f"{e.field}: {e.message}" for e in validate(llmd)]
-    if problems:
-        raise ValueError(f"{path} with the command line's overrides: " + "; ".join(problems))
+    found = problems(llmd)
+    if found:
+        raise ValueError(f"{path} with the command line's overrides: " + "; ".join(found))
     spec = llmd["spec"]
     # What every policy is judged on, and the engine's starting limits (which the baselines keep).
     args.ttft_ms = spec["slo"]["ttft"]["targetMs"] if "ttft" in spec["slo"] else 60_000.0
