@@ -40,7 +40,7 @@ from tideserve.autoscaler.perf_model import (
     ReplicaCapacity,
     StepTimeParams,
 )
-from tideserve.autoscaler.slo import ErrorBudget, PercentileSLO
+from tideserve.autoscaler.slo import ErrorBudget, Histogram, PercentileSLO
 
 DEFAULT_MIX = QueryMix(512, 128)  # before the first request has finished
 BURST_FACTOR = 4.0
@@ -219,7 +219,7 @@ class TideservePolicy:
             for window in reversed(self._tail_windows):
                 hist = window[index]
                 if hist is not None and hist.count:
-                    pooled = hist if pooled is None or pooled.edges != hist.edges else pooled.plus(hist)
+                    pooled = Histogram.pool(pooled, hist)
                 if pooled is not None and pooled.count >= TAIL_SAMPLES:
                     break
             if pooled is not None and pooled.count >= MIN_TAIL_SAMPLES:
@@ -270,7 +270,7 @@ class TideservePolicy:
             self._prompt_windows.append(obs.prompt_tokens)
         pooled = None
         for hist in self._prompt_windows:
-            pooled = hist if pooled is None or pooled.edges != hist.edges else pooled.plus(hist)
+            pooled = Histogram.pool(pooled, hist)
         if pooled is None:
             return None
         budget = max(max(TOKEN_BUDGETS), current.max_num_batched_tokens)

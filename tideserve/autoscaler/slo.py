@@ -52,6 +52,11 @@ class Histogram:
             raise ValueError("histograms have different bucket edges")
         return Histogram(self.edges, tuple(a + b for a, b in zip(self.counts, other.counts)), self.total + other.total)
 
+    @staticmethod
+    def pool(total: "Histogram | None", window: "Histogram") -> "Histogram":
+        """A running sum of windows' histograms; one with other bucket edges (a changed worker) starts it anew."""
+        return window if total is None or total.edges != window.edges else total.plus(window)
+
     def quantile(self, q: float) -> float | None:
         """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q*count.
         None when there are no observations."""
