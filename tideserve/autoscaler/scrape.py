@@ -154,7 +154,7 @@ class WindowAggregator:
                 delta = now_h.minus(old_h if old_h is not None and old_h.edges == now_h.edges else None)
                 target = step_stats if name.startswith("tideserve_step") else histograms
                 key = ITL[0] if name in ITL else name
-                target[key] = target[key].plus(delta) if key in target and target[key].edges == delta.edges else delta
+                target[key] = Histogram.pool(target.get(key), delta)
         if ready and not with_delta and not problems:
             problems.append("no earlier sample to take a window from yet")
         if not ready and desired_replicas > 0:
