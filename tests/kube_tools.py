@@ -1,11 +1,14 @@
-"""Finds helm and kubectl as scripts/install-kube-tools.sh installs them (.tools/bin), else on PATH.
+"""Finds helm and kubectl as scripts/install-kube-tools.sh installs them (.tools/bin), else on PATH (also
+prometheus and promtool, which scripts/install.sh installs), and validates Prometheus Operator objects with the
+schemas install-kube-tools.sh puts in .tools/node.
 
-Outside CI a missing binary skips the test with the command that installs it; in CI (CI=true) it fails,
+Outside CI a missing tool skips the test with the command that installs it; in CI (CI=true) it fails,
 so a broken install step can never turn into a silent skip.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-TOOLS_BIN = Path(os.environ.get("TIDESERVE_TOOLS_DIR", Path(__file__).resolve().parents[1] / ".tools")) / "bin"
+TOOLS_DIR = Path(os.environ.get("TIDESERVE_TOOLS_DIR", Path(__file__).resolve().parents[1] / ".tools"))
+TOOLS_BIN = TOOLS_DIR / "bin"
+PROMETHEUS_OPERATOR_MODELS = TOOLS_DIR / "node" / "node_modules"
+SCHEMA_SCRIPT = Path(__file__).resolve().parent / "prometheus_operator_schema.mjs"
+
+
+def missing(message: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def kube_tool(name: str) -> str:
@@ -24,10 +36,20 @@ def kube_tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    message = f"{name} not found in {TOOLS_BIN} or on PATH; install it with scripts/install-kube-tools.sh"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    installer = "scripts/install.sh" if name.startswith("prom") else "scripts/install-kube-tools.sh"
+    missing(f"{name} not found in {TOOLS_BIN} or on PATH; install it with {installer}")
+
+
+def prometheus_operator_errors(objects: list[dict]) -> list[list[str]]:
+    """Per object, what the Prometheus Operator's API schema (monitoring.coreos.com) finds wrong with it."""
+    node = shutil.which("node")
+    if node is None or not (PROMETHEUS_OPERATOR_MODELS / "@kubernetes-models" / "prometheus-operator").is_dir():
+        missing(f"node or {PROMETHEUS_OPERATOR_MODELS}/@kubernetes-models/prometheus-operator missing; "
+                "install them with scripts/install-kube-tools.sh")
+    result = subprocess.run([node, str(SCHEMA_SCRIPT), str(PROMETHEUS_OPERATOR_MODELS)], input=json.dumps(objects),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 # The oldest Kubernetes the chart's kubeVersion admits and the newest schemas kubernetes-validate ships: every
@@ -42,7 +64,7 @@ def helm(*args: str) -> str:
     return result.stdout
 
 
-def render(values: list[str]) -> list[dict]:
+def render(values: list[str] | tuple[str, ...]) -> list[dict]:
     out = helm("template", "tideserve", CHART, "--namespace", "tideserve", "--include-crds", *values)
     return [doc for doc in yaml.safe_load_all(out) if doc]
 

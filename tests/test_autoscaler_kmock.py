@@ -254,7 +254,7 @@ def spec_writes(api) -> list:
 
 
 def sample(operator, metric: str, **labels) -> float | None:
-    return operator.memo.autoscaler.metrics.registry.get_sample_value(metric, {"namespace": NS, "name": NAME, **labels})
+    return operator.memo.autoscaler.metrics.registry.get_sample_value(metric, {"namespace": NS, "llmdeployment": NAME, **labels})
 
 
 def admin_token(api) -> str:

@@ -22,6 +22,7 @@ from tideserve.autoscaler.policy import TideservePolicy
 from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator, parse_exposition
 from tideserve.autoscaler.slo import Histogram
 from tideserve.autoscaler.spec import policy_config
+from tideserve.buckets import TPOT_BUCKETS, TTFT_BUCKETS
 from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, metrics_source as source
 from tideserve.operator import reconcile, status
 from tideserve.operator.autoscaler_loop import peering_allows, replace_patch
@@ -342,19 +343,51 @@ def test_oldest_priority_lets_the_first_replica_act_and_the_next_oldest_take_ove
 
 def test_own_metrics_per_deployment_and_forgotten_with_it():
     metrics = AutoscalerMetrics()
-    obs, decision, _ = observe(llmd()["spec"])
-    metrics.record("ns", "a", decision, obs, scrape_errors=1)
-    metrics.record("ns", "b", decision, obs, scrape_errors=0)
+    spec = llmd()["spec"]
+    config = policy_config(spec)
+    obs, decision, _ = observe(spec)
+    conditions = [{"type": "SLOMet", "status": "True"}, {"type": "CapacityLimited", "status": "False"},
+                  {"type": "SLOInfeasible", "status": "True"}]
+    metrics.record("ns", "a", decision, obs, 1, config, conditions)
+    metrics.record("ns", "b", decision, obs, 0, config, [])
     metrics.pushed("ns", "a", 2, 1)
     get = metrics.registry.get_sample_value
-    assert get("tideserve_autoscaler_desired_replicas", {"namespace": "ns", "name": "a"}) == decision.replicas
-    assert get("tideserve_autoscaler_scrape_errors_total", {"namespace": "ns", "name": "a"}) == 1
-    assert get("tideserve_autoscaler_batch_limit_pushes_total", {"namespace": "ns", "name": "a", "result": "error"}) == 1
-    assert get("tideserve_autoscaler_decisions_total", {"namespace": "ns", "name": "a", "action": decision.action,
-                                                         "reason": loop_status.reason_code(decision)}) == 1
+    a = {"namespace": "ns", "llmdeployment": "a"}
+    assert get("tideserve_autoscaler_desired_replicas", a) == decision.replicas
+    assert get("tideserve_autoscaler_scrape_errors_total", a) == 1
+    assert get("tideserve_autoscaler_batch_limit_pushes_total", {**a, "result": "error"}) == 1
+    assert get("tideserve_autoscaler_decisions_total", {**a, "action": decision.action,
+                                                        "reason": loop_status.reason_code(decision)}) == 1
+    # The SLO and the conditions, for rules and dashboards to join with the workers' series.
+    assert get("tideserve_autoscaler_slo_target_seconds", {**a, "kind": "ttft"}) == 2.0
+    assert get("tideserve_autoscaler_slo_target_seconds", {**a, "kind": "tpot"}) == 0.05
+    assert get("tideserve_autoscaler_slo_target_attainment", a) == config.attainment_target
+    assert [get("tideserve_autoscaler_condition", {**a, "condition": c}) for c in
+            ("SLOMet", "CapacityLimited", "SLOInfeasible")] == [1, 0, 1]
+    # The buckets that count as within target: the workers' largest edges not above 2 s and 50 ms, as they
+    # label them on /metrics.
+    exposition = generate_latest(metrics.registry).decode()
+    ttft_le, tpot_le = (max(e for e in buckets if e <= target) for buckets, target in
+                        ((TTFT_BUCKETS, 2.0), (TPOT_BUCKETS, 0.05)))
+    assert f'tideserve_autoscaler_slo_within_bucket{{kind="ttft",le="{ttft_le}",llmdeployment="a",namespace="ns"}} 1.0' \
+        in exposition
+    assert f'tideserve_autoscaler_slo_within_bucket{{kind="tpot",le="{tpot_le}",llmdeployment="a",namespace="ns"}} 1.0' \
+        in exposition
+    worker = generate_latest(EngineMetrics("m").registry).decode()
+    assert f'vllm:time_to_first_token_seconds_bucket{{le="{ttft_le}",model_name="m"}}' in worker
+    assert f'vllm:request_time_per_output_token_seconds_bucket{{le="{tpot_le}",model_name="m"}}' in worker
+    # Another target moves the bucket: the old label set goes, not left beside the new one.
+    metrics.record("ns", "a", decision, obs, 0, policy_config({**spec, "slo": {**spec["slo"],
+                                                                              "ttft": {**spec["slo"]["ttft"],
+                                                                                       "targetMs": 500}}}), [])
+    assert get("tideserve_autoscaler_slo_within_bucket", {**a, "kind": "ttft", "le": str(ttft_le)}) is None
+    assert get("tideserve_autoscaler_slo_within_bucket",
+               {**a, "kind": "ttft", "le": str(max(e for e in TTFT_BUCKETS if e <= 0.5))}) == 1
     metrics.forget("ns", "a")
-    assert get("tideserve_autoscaler_desired_replicas", {"namespace": "ns", "name": "a"}) is None
-    assert get("tideserve_autoscaler_desired_replicas", {"namespace": "ns", "name": "b"}) == decision.replicas
+    assert get("tideserve_autoscaler_desired_replicas", a) is None
+    assert get("tideserve_autoscaler_condition", {**a, "condition": "SLOMet"}) is None
+    assert "llmdeployment=\"a\"" not in generate_latest(metrics.registry).decode()
+    assert get("tideserve_autoscaler_desired_replicas", {"namespace": "ns", "llmdeployment": "b"}) == decision.replicas
 
 
 # --- persisted state ---------------------------------------------------------------------------------------------
@@ -534,3 +567,30 @@ def test_the_window_carries_the_smallest_replicas_kv_capacity():
     obs = WindowAggregator().observe(T, [ReplicaSample("v", T, True, T - 100, silent)], desired_replicas=1,
                                      pending_replicas=0, max_num_seqs=256, max_num_batched_tokens=8192)
     assert obs.kv_capacity_tokens is None
+
+
+def test_a_restarted_worker_counts_from_zero_as_prometheus_reads_a_counter_reset():
+    """A worker that restarted between two samples (same pod name, a container restart): the window counts what
+    the new process counted, never a negative delta, whether the restart shows in the start time or only in a
+    counter that went down."""
+
+    def snapshot(requests: int):
+        m = EngineMetrics("m")
+        for _ in range(requests):
+            m.ttft.observe(0.2)
+            m.e2e.observe(1.0)
+        return parse_exposition(generate_latest(m.registry).decode())
+
+    def window(restart_known: bool, before: int, after: int) -> float:
+        aggregator = WindowAggregator()
+        common = dict(desired_replicas=1, pending_replicas=0, max_num_seqs=256, max_num_batched_tokens=8192)
+        aggregator.observe(T, [ReplicaSample("a", T, True, T - 100, snapshot(before))], **common)
+        started = T + 5 if restart_known else T - 100
+        obs = aggregator.observe(T + 15, [ReplicaSample("a", T + 15, True, started, snapshot(after))], **common)
+        assert not obs.stale
+        return obs.ttft.count
+
+    assert window(True, 50, 80) == 80  # more requests since the restart than before it: only the start time tells
+    assert window(True, 50, 20) == 20
+    assert window(False, 50, 20) == 20  # start time unknown to the sampler: the counter went down
+    assert window(False, 50, 80) == 30  # no restart: the growth

@@ -4,14 +4,22 @@ exactly the verbs the operator uses, namespaced when namespaces are given."""
 
 from __future__ import annotations
 
+import copy
+import json
 import subprocess
+from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from kube_tools import CHART, SUPPORTED_KUBERNETES, helm, kube_tool, render, rules_by_kind
+from tideserve.monitoring.prometheus import DASHBOARD_FILE, RULES_FILE
+from tideserve.operator import manifests
+from tideserve.operator.manifests import OperatorConfig
+from tideserve.operator.resource import defaulted
+
+from kube_tools import CHART, SUPPORTED_KUBERNETES, helm, kube_tool, prometheus_operator_errors, render, rules_by_kind
 
 VALUE_SETS = {
     "default": [],
@@ -20,7 +28,13 @@ VALUE_SETS = {
     "existing-admin-key": ["--set", "adminKey.existingSecret=my-admin-key", "--set", "adminKey.key=hmac"],
     "prometheus-no-metrics-port": ["--set", "autoscaler.prometheusUrl=http://prometheus.monitoring:9090",
                                    "--set", "metrics.port=0"],
+    "monitoring": ["--set", "monitoring.podMonitor.enabled=true", "--set", "monitoring.prometheusRule.enabled=true",
+                   "--set", "monitoring.grafanaDashboard.enabled=true", "--set", "monitoring.podMonitor.labels.release=kps",
+                   "--set", "watchNamespaces={llm,team-a}"],
 }
+# A cluster that runs the Prometheus Operator (helm template cannot ask one; helm install asks the cluster).
+MONITORING_APIS = ("--api-versions", "monitoring.coreos.com/v1/PodMonitor",
+                   "--api-versions", "monitoring.coreos.com/v1/PrometheusRule")
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -31,15 +45,17 @@ def test_helm_lint_strict(values):
 @pytest.mark.parametrize("version", SUPPORTED_KUBERNETES)
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_rendered_manifests_pass_strict_validation(values, version):
-    docs = render(values)
+    docs = render([*values, *MONITORING_APIS])
     crds = {(d["spec"]["group"], d["spec"]["names"]["kind"]): d for d in docs if d["kind"] == "CustomResourceDefinition"}
     assert {kind for _, kind in crds} == {"LLMDeployment", "ClusterKopfPeering", "KopfPeering"}
+    monitoring = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert prometheus_operator_errors(monitoring) == [[] for _ in monitoring]
     for doc in docs:
         group = doc["apiVersion"].rpartition("/")[0]
         if (group, doc["kind"]) in crds:
             (version,) = crds[group, doc["kind"]]["spec"]["versions"]
             jsonschema.validate(doc, version["schema"]["openAPIV3Schema"])
-        else:
+        elif doc not in monitoring:
             kubernetes_validate.validate(doc, version, strict=True)
 
 
@@ -172,3 +188,78 @@ def test_the_documented_rbac_table_is_what_the_chart_renders():
     assert rules_by_kind(peered, "Role")["llm"] == workload | rows["peering, namespaced installs"]
     wide = render(["--set", "clusterWide=true", "--set", "replicaCount=2"])
     assert rules_by_kind(wide, "ClusterRole") == {"": cluster | workload | rows["peering, clusterWide"]}
+
+
+# --- monitoring: Prometheus Operator objects and the Grafana dashboard ---------------------------------------
+
+
+def monitoring_docs(values=VALUE_SETS["monitoring"], apis=MONITORING_APIS) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in render([*values, *apis])
+            if d["kind"] in ("PodMonitor", "PrometheusRule") or d["metadata"]["name"].endswith("-dashboard")}
+
+
+def test_monitoring_is_off_by_default_and_needs_the_prometheus_operator_api():
+    assert monitoring_docs([]) == {}
+    without_api = monitoring_docs(apis=())
+    assert list(without_api) == [("ConfigMap", "tideserve-dashboard")]  # a ConfigMap needs no CRD
+    assert {kind for kind, _ in monitoring_docs()} == {"PodMonitor", "PrometheusRule", "ConfigMap"}
+    # No operator metrics port: nothing to scrape from the operator, the workers still are.
+    names = [name for kind, name in monitoring_docs([*VALUE_SETS["monitoring"], "--set", "metrics.port=0"])
+             if kind == "PodMonitor"]
+    assert names == ["tideserve-workers"]
+
+
+def test_the_schema_check_refuses_a_broken_pod_monitor():
+    """The validator the chart test relies on can fail: a numeric port name and an unknown relabel action."""
+    monitor = copy.deepcopy(monitoring_docs()["PodMonitor", "tideserve-workers"])
+    monitor["spec"]["podMetricsEndpoints"][0]["port"] = 8000
+    monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "rename"
+    (errors,) = prometheus_operator_errors([monitor])
+    assert "port must be string" in errors[0] and "action must be equal to one of the allowed values" in errors[0]
+
+
+def test_the_worker_pod_monitor_selects_worker_pods_and_labels_them_as_the_operator_reads_them():
+    docs = monitoring_docs()
+    workers, operator = docs["PodMonitor", "tideserve-workers"], docs["PodMonitor", "tideserve-operator"]
+    for monitor in (workers, operator):
+        assert monitor["metadata"]["labels"]["release"] == "kps"
+    spec = workers["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["llm", "team-a"]}  # the watched namespaces
+    assert monitoring_docs(["--set", "monitoring.podMonitor.enabled=true", "--set", "clusterWide=true"])[
+        "PodMonitor", "tideserve-workers"]["spec"]["namespaceSelector"] == {"any": True}
+    pod_labels = manifests.object_labels("chat")
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert [e["key"] for e in spec["selector"]["matchExpressions"]] == [manifests.SELECTOR_LABEL]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    llmd = yaml.safe_load(open("examples/minimal.yaml"))
+    llmd["metadata"].update(namespace="llm", uid="u1")
+    worker = manifests.build_deployment(defaulted(llmd), OperatorConfig())
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert endpoint["port"] in [p["name"] for p in container["ports"]]
+    assert endpoint["path"] == worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+    # namespace and pod as the operator's --prometheus-url path reads them (chart defaults), and the deployment.
+    values = yaml.safe_load(open(f"{CHART}/values.yaml"))["autoscaler"]
+    meta = {"__meta_kubernetes_namespace": values["prometheusNamespaceLabel"],
+            "__meta_kubernetes_pod_name": values["prometheusPodLabel"],
+            "__meta_kubernetes_pod_label_tideserve_io_llmdeployment": "llmdeployment"}
+    assert {r["sourceLabels"][0]: r["targetLabel"] for r in endpoint["relabelings"]} == meta
+    assert operator["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+
+
+def test_the_prometheus_rule_is_the_shipped_rules_file_and_passes_promtool(tmp_path):
+    rule = monitoring_docs()["PrometheusRule", "tideserve"]
+    assert rule["spec"] == yaml.safe_load(RULES_FILE.read_text())
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rule["spec"]))
+    result = subprocess.run([kube_tool("promtool"), "check", "rules", str(rules)], capture_output=True, text=True)
+    assert result.returncode == 0 and "SUCCESS: 16 rules found" in result.stdout, result.stdout + result.stderr
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {"TideserveMetricsStale", "TideserveCapacityLimited", "TideserveSLOInfeasible"} <= alerts
+    assert {f"Tideserve{k}BudgetBurn{t}" for k in ("TTFT", "TPOT") for t in ("Fast", "Slow")} <= alerts
+
+
+def test_the_dashboard_config_map_holds_the_shipped_dashboard_for_the_sidecar():
+    config_map = monitoring_docs()["ConfigMap", "tideserve-dashboard"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["tideserve-llmdeployment.json"]) == json.loads(DASHBOARD_FILE.read_text())
+    assert Path("docs/grafana-dashboard.json").resolve() == DASHBOARD_FILE.resolve()

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "demo": ("tideserve.local.demo", "Run the demo model locally under a compressed real trace, autoscaled live; ends with a PNG."),
     "operator": ("tideserve.operator.main", "Run the Kubernetes operator that turns LLMDeployments into worker Deployments."),
     "simulate": ("tideserve.sim.cli", "Replay a trace against the Tideserve autoscaler and the baselines."),
+    "dashboard": ("tideserve.monitoring.dashboard", "Draw the shipped Grafana dashboard's panels from a Prometheus as one PNG."),
     "trace": ("tideserve.sim.convert", "Convert Azure 2023 or ServeGen data into a canonical per-request CSV."),
 }
 

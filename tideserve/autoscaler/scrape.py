@@ -90,6 +90,16 @@ def parse_exposition(text: str) -> MetricsSnapshot:
     return MetricsSnapshot(histograms, values)
 
 
+def _restarted(before: ReplicaSample, now: ReplicaSample) -> bool:
+    """The worker restarted between two samples: its process started after the earlier one, or a counter went
+    down (a container restart keeps the pod's name). Then, as Prometheus's rate() and increase() read a
+    counter reset, everything the new process counted is new."""
+    if now.started_at > before.time:
+        return True
+    return any(h.count < before.metrics.histograms[name].count for name, h in now.metrics.histograms.items()
+               if name in before.metrics.histograms)
+
+
 @dataclass
 class ReplicaSample:
     """What one replica showed at `time`. metrics None: it was due (ready) but could not be scraped."""
@@ -108,7 +118,8 @@ class WindowAggregator:
     A ready replica that could not be scraped, or an interval where no ready replica has a previous sample to
     take a delta from (the first interval after a start or restart), makes the window stale: the policy then
     holds. A replica first seen after it started counts in full (its counters began at zero); one first seen
-    long after start (an operator restart) only sets its baseline.
+    long after start (an operator restart) only sets its baseline; one that restarted since its previous
+    sample counts what its new process counted (a counter reset, read as Prometheus reads one).
     """
 
     max_sample_age_s: float = 60.0
@@ -140,7 +151,7 @@ class WindowAggregator:
                 kv_capacity = capacity if kv_capacity is None else min(kv_capacity, capacity)
             before = self._previous.get(s.name)
             if before is not None and before.metrics is not None:
-                earlier = before.metrics
+                earlier = None if _restarted(before, s) else before.metrics
             elif self._last_time is not None and s.started_at >= self._last_time:
                 earlier = None  # started within the window: everything it counted is new
             else:

@@ -6,6 +6,11 @@ draining processes instead of patching spec.replicas, and admin calls to local p
 Before the first decision the runtime measures a bootstrap performance profile on the first replica (a few
 seconds of calibration requests at growing batch sizes, read back from the worker's own step-time metrics),
 since the default profile describes an 8B model on an H100, not this machine.
+
+The runtime exports the operator's own metrics (tideserve.operator.autoscaler_metrics: the decisions, the SLO,
+the loop's conditions) on `metrics_port`; with `prometheus`, it also runs a real Prometheus server
+(tideserve.monitoring.prometheus) that scrapes those and every worker under the labels the chart's PodMonitor
+gives pods in a cluster, and evaluates the chart's rules, so the shipped dashboard's queries work here too.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import random
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+import prometheus_client
 import uvicorn
 
 from tideserve.autoscaler.observation import Decision
@@ -34,7 +41,10 @@ from tideserve.autoscaler.spec import initial_batch_limits, policy_config
 from tideserve.bench.loadgen import make_prompt
 from tideserve.local import deployment
 from tideserve.local.proxy import Proxy
-from tideserve.local.replicas import WorkerProcess
+from tideserve.local.replicas import WorkerProcess, free_port
+from tideserve.monitoring.prometheus import RULES_FILE, PrometheusServer, PrometheusUnavailable, ScrapeJob, write_targets
+from tideserve.operator import autoscaler_status as loop_status
+from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
 
 log = logging.getLogger("tideserve.local")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape drowns the view
@@ -73,10 +83,12 @@ class TimelinePoint:
 class LocalRuntime:
     def __init__(self, llmd: dict[str, Any], port: int = 8000, host: str = "127.0.0.1",
                  log_dir: str | Path | None = None, calibrate: bool = True,
-                 on_decision: Callable[[Decision, TimelinePoint], None] | None = None):
+                 on_decision: Callable[[Decision, TimelinePoint], None] | None = None,
+                 metrics_port: int | None = None, prometheus: bool = False, scrape_interval_s: float = 5.0):
         self.llmd = llmd
         self.spec = llmd["spec"]
         self.name = llmd["metadata"]["name"]
+        self.namespace = llmd["metadata"].get("namespace") or "default"
         self.host, self.port = host, port
         self.config = policy_config(self.spec)
         self.policy = TideservePolicy(self.config)
@@ -113,6 +125,17 @@ class LocalRuntime:
         self._last_startup: float | None = None
         self._server: uvicorn.Server | None = None
         self.started = asyncio.Event()
+        self.metrics = AutoscalerMetrics()
+        self.conditions: list[dict[str, Any]] = []  # the loop's conditions, as a cluster's status would hold them
+        self.metrics_port = metrics_port or (free_port() if prometheus else None)
+        self._metrics_server = None
+        self.prometheus: PrometheusServer | None = None
+        if prometheus:
+            self.prometheus = PrometheusServer(
+                [ScrapeJob("tideserve-workers", targets_file=self.log_dir / "prometheus-workers.json"),
+                 ScrapeJob("tideserve-autoscaler", static=[f"{host}:{self.metrics_port}"], honor_labels=True)],
+                scrape_interval_s=scrape_interval_s, rule_files=[RULES_FILE], directory=self.log_dir / "prometheus")
+        self._targets_written: list | None = None
 
     @property
     def url(self) -> str:
@@ -127,6 +150,7 @@ class LocalRuntime:
         self._server.install_signal_handlers = lambda: None  # the caller owns signals
         server_task = asyncio.ensure_future(self._server.serve())
         try:
+            await self._start_monitoring()
             await self._scale_to(self.desired, [])
             await self._wait_first_ready(stop)
             if self.calibrate and self.enabled:
@@ -142,6 +166,38 @@ class LocalRuntime:
         await asyncio.gather(*(self._drain(r) for r in self.replicas if not r.draining), *self._drains,
                              return_exceptions=True)
         await self.client.aclose()
+        if self.prometheus is not None:
+            await asyncio.to_thread(self.prometheus.stop)
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server
+            server.shutdown()
+            server.server_close()
+            thread.join()
+            self._metrics_server = None
+
+    async def _start_monitoring(self) -> None:
+        if self.metrics_port:
+            self._metrics_server = prometheus_client.start_http_server(self.metrics_port, addr=self.host,
+                                                                       registry=self.metrics.registry)
+            log.info("autoscaler metrics at http://%s:%d/metrics", self.host, self.metrics_port)
+        if self.prometheus is not None:
+            self._write_targets()
+            try:
+                await asyncio.to_thread(self.prometheus.start)
+                log.info("Prometheus at %s (data and log in %s)", self.prometheus.url, self.prometheus.directory)
+            except PrometheusUnavailable as exc:
+                log.warning("no local Prometheus: %s", exc)
+                self.prometheus = None
+
+    def _write_targets(self) -> None:
+        """The workers as a cluster's PodMonitor would label them; a replica is scraped until its process is
+        gone (draining included), as a terminating pod is."""
+        groups = [([f"127.0.0.1:{r.port}"], {"namespace": self.namespace, "llmdeployment": self.name,
+                                              "pod": r.name, "container": "worker"})
+                  for r in self.replicas if not r.exited]
+        if self.prometheus is not None and groups != self._targets_written:
+            write_targets(self.prometheus.jobs[0].targets_file, groups)
+            self._targets_written = groups
 
     async def _wait_first_ready(self, stop: asyncio.Event) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -250,6 +306,7 @@ class LocalRuntime:
             while time.monotonic() < next_at and not stop.is_set():
                 await self._check_replicas()
                 await self._push_limits()
+                self._write_targets()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=min(1.0, max(0.0, next_at - time.monotonic())))
             if not stop.is_set():
@@ -266,6 +323,11 @@ class LocalRuntime:
                                       replica_startup_s=self._last_startup)
         self._last_startup = None
         decision = self.policy.decide(obs)
+        self.conditions = loop_status.merge_conditions(
+            self.conditions, loop_status.loop_conditions(decision, obs, self.config, self.conditions, None,
+                                                         datetime.datetime.now(datetime.timezone.utc)))
+        self.metrics.record(self.namespace, self.name, decision, obs,
+                            sum(1 for s in samples if s.ready and s.metrics is None), self.config, self.conditions)
         if decision.action != "hold" or obs.stale:
             log.info("%s: %s", decision.action, decision.reason)
         if self.enabled and decision.apply:
