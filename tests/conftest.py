@@ -131,9 +131,10 @@ class RunningWorker:
 
 @contextmanager
 def run_worker(model_dir: str, api_keys=(), admin_token=None, admin_token_file=None, max_body_bytes=4 * 2**20,
-               drain_timeout=30.0,
+               drain_timeout=30.0, port=None, admin_port=None,
                **engine_kwargs):
-    """Start a real worker (engine thread + both uvicorn servers) on free ports in a background thread."""
+    """Start a real worker (engine thread + both uvicorn servers) in a background thread, on free ports unless
+    given (a restart on the same ports)."""
     from tideserve.worker.api import ServerState
     from tideserve.worker.config import EngineConfig
     from tideserve.worker.engine import LLMEngine
@@ -144,7 +145,7 @@ def run_worker(model_dir: str, api_keys=(), admin_token=None, admin_token_file=N
     engine = LLMEngine(EngineConfig(model=model_dir, served_model_name="tiny", **engine_kwargs))
     state = ServerState(api_keys=frozenset(api_keys), admin_token=admin_token, admin_token_file=admin_token_file,
                         max_body_bytes=max_body_bytes)
-    port, admin_port = free_port(), free_port()
+    port, admin_port = port or free_port(), admin_port or free_port()
     loop = asyncio.new_event_loop()
     errors = []
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tideserve.autoscaler.observation import Observation, ReplicaState
-from tideserve.autoscaler.perf_model import H100_8B, BatchLimits, PerformanceModel, QueryMix
+from tideserve.autoscaler.perf_model import H100_8B, BatchLimits, PerformanceModel, QueryMix, StepTimeParams
 from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
 from tideserve.autoscaler.slo import Histogram, PercentileSLO
 from tideserve.buckets import TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
@@ -208,18 +208,36 @@ def test_state_survives_a_restart():
 
 
 def test_a_prompt_too_long_for_the_ttft_target_is_infeasible_not_a_reason_to_scale():
-    """One replica, idle but for a trickle of 60k-token prompts: their own prefill (~2.2 s on an idle H100)
-    misses the 2 s TTFT target whatever the fleet, so the misses are reported, not chased."""
+    """One replica, idle but for a trickle of 80k-token prompts: their own prefill (~3 s on an idle H100)
+    misses the 2 s TTFT target whatever the fleet, so the misses are reported, not chased. (80k: the prompt
+    histogram's bucket that holds them starts above the longest feasible prompt.)"""
     model = PerformanceModel()
     longest = model.max_feasible_prompt(2.0, BatchLimits(1, 8192))
-    assert 40_000 < longest < 60_000 and model.prefill_service(60_000, BatchLimits(1, 8192)) > 2.0
+    assert 40_000 < longest < 65_536 and model.prefill_service(80_000, BatchLimits(1, 8192)) > 2.0
     p = policy()
     for i in range(1, 30):
-        d = p.decide(window(15 * i, replicas=1, finished=3, ttft=2.3, mean_in=60_000, mean_out=50, running=1,
+        d = p.decide(window(15 * i, replicas=1, finished=3, ttft=3.1, mean_in=80_000, mean_out=50, running=1,
                             seqs=1024, tokens=8192))
     assert d.replicas == 1, d.reason
     assert "SLOInfeasible: 100.0% of requests have prompts over" in d.reason
     assert d.details["infeasible_share"] == 1.0 and d.details["max_feasible_prompt"] == longest
+
+
+def test_a_prompt_costs_its_full_chunks_and_one_step_of_the_rest_not_whole_budgets():
+    """A prompt shorter than the token budget is one step of its own tokens: charging it a step of the whole
+    budget made every prompt infeasible on a CPU profile (a step of 8192 tokens at 4 ms each is 33 s), so the
+    demo reported "100% of requests have prompts over 0 tokens" and planned nothing."""
+    model = PerformanceModel()
+    step = model.params.step_time
+    assert model.prefill_service(100, BatchLimits(1, 8192)) == pytest.approx(step(0, 0, 100))
+    assert model.prefill_service(8292, BatchLimits(1, 8192)) == pytest.approx(step(0, 0, 8192) + step(0, 0, 100))
+    assert model.prefill_service(16384, BatchLimits(1, 8192)) == pytest.approx(2 * step(0, 0, 8192))
+    # Beside 30 decodes the chunk is what the budget leaves them.
+    assert model.prefill_service(100, BatchLimits(64, 120), decodes=30, mix=QueryMix(100, 10)) == pytest.approx(
+        step(30, 30 * QueryMix(100, 10).mean_context, 90) + step(30, 30 * QueryMix(100, 10).mean_context, 10))
+    cpu = PerformanceModel(StepTimeParams(0.1, 0.0074, 3.8e-6, 0.004, 100_000))  # SmolLM2-135M, one CPU core
+    assert cpu.max_feasible_prompt(3.0, BatchLimits(1, 8192)) == pytest.approx((3.0 - 0.1) / 0.004, abs=1)
+    assert cpu.ttft_at(0.01, QueryMix(100, 20), BatchLimits(32, 512)) < 0.6
 
 
 def test_queueing_misses_of_feasible_prompts_still_scale_up():

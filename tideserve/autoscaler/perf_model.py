@@ -181,10 +181,15 @@ class PerformanceModel:
 
     def prefill_service(self, prompt_tokens: float, limits: BatchLimits, decodes: float = 0.0,
                         mix: QueryMix | None = None) -> float:
-        """A prompt's own time to first token without queueing: its chunks, each a busy step."""
+        """A prompt's own time to first token without queueing: its full chunks, each a busy step, then a step
+        with the rest of it (a prompt shorter than the budget costs one step of its own tokens, not of the
+        whole budget)."""
+        mix = mix or QueryMix(max(1.0, prompt_tokens), 1.0)
         chunk = max(1.0, limits.max_num_batched_tokens - decodes)
-        busy = self.busy_step(decodes, mix or QueryMix(max(1.0, prompt_tokens), 1.0), limits.max_num_batched_tokens)
-        return math.ceil(prompt_tokens / chunk) * busy
+        full = math.floor(prompt_tokens / chunk)
+        rest = prompt_tokens - full * chunk
+        step = lambda tokens: self.params.step_time(decodes, decodes * mix.mean_context, tokens)  # noqa: E731
+        return full * step(chunk) + (step(rest) if rest > 0 or not full else 0.0)
 
     def max_feasible_prompt(self, ttft_target_s: float, limits: BatchLimits) -> float:
         """The longest prompt whose own prefill on an idle replica fits the TTFT target: a longer one misses it
@@ -206,7 +211,7 @@ class PerformanceModel:
         chunk = max(1.0, limits.max_num_batched_tokens - decodes)
         busy = self.busy_step(decodes, mix, limits.max_num_batched_tokens)
         utilization = rate * mix.mean_input * busy / chunk
-        service = math.ceil(mix.mean_input / chunk) * busy
+        service = self.prefill_service(mix.mean_input, limits, decodes, mix)
         if utilization >= 1:
             return service, math.inf, decodes
         return service, service * utilization / (1 - utilization), decodes

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="the deployment's endpoint (default: %(default)s)")
     parser.add_argument("--plot", default="tideserve-demo.png", help="PNG written at the end (default: %(default)s)")
     parser.add_argument("--json", help="also write the timeline and the load's results to this JSON file")
+    parser.add_argument("--prometheus", metavar="PNG", nargs="?", const="tideserve-dashboard.png",
+                        help="also run a local Prometheus (tideserve up --prometheus) and draw the shipped Grafana "
+                             "dashboard's panels from it at the end (default PNG: %(const)s)")
     parser.add_argument("--log-dir", help="worker logs go here (default: a temporary directory)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -111,7 +114,8 @@ async def run_demo(llmd: dict, args: argparse.Namespace) -> dict:
     spec = llmd["spec"]
     view = LiveView(f"tideserve demo: {spec['model']['name']} at http://127.0.0.1:{args.port}/v1 "
                     f"(replicas {spec['autoscaling']['minReplicas']}..{spec['autoscaling']['maxReplicas']})")
-    runtime = LocalRuntime(llmd, port=args.port, log_dir=args.log_dir, on_decision=lambda _, p: view.update(p))
+    runtime = LocalRuntime(llmd, port=args.port, log_dir=args.log_dir, on_decision=lambda _, p: view.update(p),
+                           prometheus=bool(args.prometheus), scrape_interval_s=2.0)
     stop = asyncio.Event()
     serving = asyncio.ensure_future(runtime.run(stop))
     print(f"starting {spec['model']['name']} and measuring one replica on this machine...", flush=True)
@@ -147,6 +151,8 @@ async def run_demo(llmd: dict, args: argparse.Namespace) -> dict:
         while runtime.desired > c.min_replicas and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
         await asyncio.sleep(c.interval_s)
+        if runtime.prometheus is not None:
+            await asyncio.to_thread(_draw_dashboard, runtime, args.prometheus, load_start - 30)
     finally:
         stop.set()
         await serving
@@ -178,6 +184,16 @@ async def run_demo(llmd: dict, args: argparse.Namespace) -> dict:
             json.dump({**result, "timeline": [vars(p) for p in runtime.timeline],
                        "load": bench.to_dict()["summary"]}, f, indent=1, default=str)
     return result
+
+
+def _draw_dashboard(runtime, out: str, start: float) -> None:
+    from tideserve.monitoring import dashboard
+
+    end = time.time()
+    counts = dashboard.render(runtime.prometheus.api, dashboard.load(),
+                              {"namespace": runtime.namespace, "llmdeployment": runtime.name}, start, end, out,
+                              step_s=max(2.0, (end - start) / 300), rate_interval="30s")
+    print(f"dashboard: {out} ({sum(1 for n in counts.values() if n)} of {len(counts)} panels with data)", flush=True)
 
 
 def single_replica_rate(runtime) -> float:

@@ -83,8 +83,12 @@ def render(api: PrometheusAPI, dashboard: dict[str, Any], variables: dict[str, s
         if not pq.panel.startswith("annotations: "):
             continue
         for series in api.query_range(substitute(pq.expr, variables, rate_interval, interval), start, end, step_s):
-            label = _legend(pq.legend, series["metric"])
-            marks += [(float(t), label) for t, v in series["values"] if float(v) > 0]
+            # A decision stays in the query's window for a while: mark where each run of steps begins.
+            label, previous = _legend(pq.legend, series["metric"]), None
+            for t, v in series["values"]:
+                if float(v) > 0 and (previous is None or float(t) - previous > 1.5 * step_s):
+                    marks.append((float(t), label))
+                previous = float(t) if float(v) > 0 else None
     rows = math.ceil(len(panels) / 2)
     fig, axes = plt.subplots(rows, 2, figsize=(14, 2.6 * rows), squeeze=False)
     for index, title in enumerate(panels):
