@@ -326,6 +326,11 @@ async def test_load_scales_up_through_spec_replicas_and_batch_limits_reach_every
     assert sample(operator, "tideserve_autoscaler_desired_replicas") >= 3
     assert sample(operator, "tideserve_autoscaler_decisions_total", action="scale-up", reason="Demand") >= 1
     assert sample(operator, "tideserve_autoscaler_request_rate") > 100
+    # The deployment's SLO and its conditions as the status holds them, reconcile's included (for alerts).
+    assert sample(operator, "tideserve_autoscaler_slo_target_seconds", kind="ttft") == 2.0
+    assert sample(operator, "tideserve_autoscaler_condition", condition="MetricsStale") == 0
+    assert sample(operator, "tideserve_autoscaler_condition", condition="SLOMet") == 1
+    assert sample(operator, "tideserve_autoscaler_condition", condition="CapacityLimited") == 0
     await eventually(lambda: sample(operator, "tideserve_autoscaler_batch_limit_pushes_total", result="ok") >= 2)
 
     # Autoscaling off: the pods get the spec's limits back and the loop's status goes.
