@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 
-from tideserve.autoscaler.scrape import MetricsParseError, MetricsSnapshot, parse_exposition
+from tideserve.autoscaler.scrape import (CACHE_CONFIG, CACHE_CONFIG_LABELS, MetricsParseError, MetricsSnapshot,
+                                         parse_exposition)
 from tideserve.operator.manifests import ADMIN_PORT, API_PORT, CONTAINER_NAME
 
 BATCH_LIMITS_PATH = "/admin/batch-limits"
@@ -196,7 +197,7 @@ def snapshots_from_prometheus(result: list[dict[str, Any]], pod_label: str = "po
     The series are summed per (name, le) as a scrape of the pod would be, rendered in the text format and read
     by the same parser as a direct scrape, so both ways of collecting agree to the sample. A pod whose series do
     not parse (a histogram without its +Inf bucket, say) is left out, as an unscrapable pod would be."""
-    per_pod: dict[str, dict[tuple[str, str | None], float]] = defaultdict(lambda: defaultdict(float))
+    per_pod: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
     for series in result:
         labels = series.get("metric", {})
         pod, name = labels.get(pod_label), labels.get("__name__")
@@ -204,13 +205,16 @@ def snapshots_from_prometheus(result: list[dict[str, Any]], pod_label: str = "po
             value = float(series["value"][1])
         except (KeyError, IndexError, TypeError, ValueError):
             continue
+        # The labels the parser reads: a histogram's le, and the KV cache size vLLM gives in labels.
+        kept = ("le",) if name != CACHE_CONFIG else CACHE_CONFIG_LABELS
+        rendered = ",".join(f'{k}="{_promql_string(labels[k])}"' for k in kept if k in labels)
         if pod and name:
-            per_pod[pod][name, labels.get("le")] += value
+            per_pod[pod][name, rendered] += value
     snapshots = {}
     for pod, samples in per_pod.items():
         lines = []
-        for (name, le), value in sorted(samples.items(), key=lambda item: (item[0][0], item[0][1] or "")):
-            label = f'{{le="{le}"}}' if le is not None else ""
+        for (name, rendered), value in sorted(samples.items()):
+            label = f"{{{rendered}}}" if rendered else ""
             lines.append(f"{name}{label} {_format_value(value)}")
         try:
             snapshots[pod] = parse_exposition("\n".join(lines) + "\n")

@@ -5,6 +5,7 @@ reconcile/loop status merge."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -18,6 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tideserve.autoscaler.observation import Decision, Observation
+from tideserve.autoscaler.perf_model import H100_8B
 from tideserve.autoscaler.policy import TideservePolicy
 from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator, parse_exposition
 from tideserve.autoscaler.slo import Histogram
@@ -594,3 +596,94 @@ def test_a_restarted_worker_counts_from_zero_as_prometheus_reads_a_counter_reset
     assert window(True, 50, 20) == 20
     assert window(False, 50, 20) == 20  # start time unknown to the sampler: the counter went down
     assert window(False, 50, 80) == 30  # no restart: the growth
+
+
+# vLLM v0.11's exposition of the series the autoscaler reads: its names, its labels (model_name, engine) and
+# its bucket edges; the cache configuration is an Info metric whose labels carry the KV cache's size.
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0)
+VLLM_STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+VLLM_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class VllmLikeWorker:
+    """A worker that exports what vLLM exports and nothing of tideserve's: no step statistics, no batch limits."""
+
+    def __init__(self, num_gpu_blocks: int = 27_000, block_size: int = 16):
+        from prometheus_client import CollectorRegistry, Gauge, Histogram, Info
+
+        self.registry = r = CollectorRegistry()
+        labels = ("model_name", "engine")
+
+        def hist(name, buckets):
+            return Histogram(name, name, labels, buckets=buckets, registry=r).labels("llama", "0")
+
+        self.itl = hist("vllm:inter_token_latency_seconds", VLLM_ITL_BUCKETS)
+        self.steps = hist("vllm:iteration_tokens_total", VLLM_STEP_TOKEN_BUCKETS)
+        self.ttft = hist("vllm:time_to_first_token_seconds", VLLM_ITL_BUCKETS)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", VLLM_ITL_BUCKETS)
+        self.prompt = hist("vllm:request_prompt_tokens", VLLM_TOKEN_BUCKETS)
+        self.output = hist("vllm:request_generation_tokens", VLLM_TOKEN_BUCKETS)
+        Gauge("vllm:num_requests_running", "", labels, registry=r).labels("llama", "0").set(3)
+        Gauge("vllm:kv_cache_usage_perc", "", labels, registry=r).labels("llama", "0").set(0.4)
+        Info("vllm:cache_config", "", registry=r).info({
+            "block_size": str(block_size), "cache_dtype": "auto", "enable_prefix_caching": "True",
+            "gpu_memory_utilization": "0.9", "num_gpu_blocks": str(num_gpu_blocks), "num_cpu_blocks": "None"})
+
+    def run_steps(self, truth, steps: int, decodes: int, prefill: int, context: float) -> float:
+        """`steps` engine steps of `decodes` running sequences and `prefill` prompt tokens each; returns the step
+        time the true engine takes."""
+        step = truth.step_time(decodes, decodes * context, prefill)
+        for _ in range(steps):
+            self.steps.observe(decodes + prefill)
+            for _ in range(decodes):
+                self.itl.observe(step)
+        return step
+
+    def finish(self, requests: int, prompt: int, output: int) -> None:
+        for _ in range(requests):
+            self.prompt.observe(prompt)
+            self.output.observe(output)
+            self.ttft.observe(0.2)
+            self.e2e.observe(5.0)
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+def test_a_vllm_worker_is_calibrated_from_the_series_it_exports():
+    """vLLM has no per-step time: the window's steps, step time, decode batch and tokens per step are read from
+    its inter-token latency and its tokens-per-step histogram, its KV capacity from its cache configuration, the
+    same through a direct scrape and through Prometheus; fed to the policy, they recover a true engine twice
+    as slow per step as the bootstrap profile."""
+    truth = dataclasses.replace(H100_8B, base_s=2 * H100_8B.base_s, per_seq_s=2 * H100_8B.per_seq_s,
+                                per_context_token_s=2 * H100_8B.per_context_token_s,
+                                per_prefill_token_s=2 * H100_8B.per_prefill_token_s)
+    worker = VllmLikeWorker()
+    spec = llmd(kind="vllm")["spec"]
+    policy = TideservePolicy(policy_config(spec))
+    aggregator = WindowAggregator()
+    rng = random.Random(0)
+    common = dict(desired_replicas=1, pending_replicas=0, max_num_seqs=256, max_num_batched_tokens=8192)
+    aggregator.observe(T, [ReplicaSample("v", T, True, T - 100, parse_exposition(worker.exposition()))], **common)
+    for i in range(1, 121):
+        decodes, prefill = rng.randint(1, 200), rng.choice((0, 256, 1024, 4096))
+        step = worker.run_steps(truth, 200, decodes, prefill, context=1000 + 200 / 2)
+        worker.finish(20, prompt=1000, output=200)
+        text = worker.exposition()
+        obs = aggregator.observe(T + 15 * i, [ReplicaSample("v", T + 15 * i, True, T - 100, parse_exposition(text))],
+                                 **common)
+        assert (obs.steps, obs.step_seqs, obs.step_tokens) == (200, decodes, decodes + prefill)
+        assert obs.step_s == pytest.approx(step)
+        policy.decide(obs)
+    assert obs.kv_capacity_tokens == 27_000 * 16
+    assert policy.model.params.kv_capacity_tokens == 27_000 * 16
+    for name in ("base_s", "per_seq_s", "per_prefill_token_s"):
+        assert getattr(policy.model.params, name) == pytest.approx(getattr(truth, name), rel=0.15), name
+    # Through Prometheus: the same series as an instant query returns them (every label kept by Prometheus).
+    result = [{"metric": {"__name__": f.name if s.name == f.name else s.name, **s.labels, "pod": "v"},
+               "value": [T, repr(s.value)]}
+              for f in text_string_to_metric_families(text) for s in f.samples]
+    via_prometheus = source.snapshots_from_prometheus(result)["v"]
+    assert via_prometheus == parse_exposition(text)
+    assert via_prometheus.value("tideserve_kv_cache_capacity_tokens") == 27_000 * 16

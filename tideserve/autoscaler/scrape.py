@@ -3,8 +3,9 @@
 The cluster loop (scraping pods or querying Prometheus), the local runtime (scraping worker processes) and
 tests all hand this module one `ReplicaSample` per replica each interval; `WindowAggregator` keeps the
 previous sample of every replica and turns the counters' growth into one window of deltas summed over
-replicas. Both tideserve workers and vLLM workers are understood: they export the same vllm: names (vLLM has
-no tideserve_ step statistics or live batch limits; the policy then plans on its bootstrap profile).
+replicas. Both tideserve workers and vLLM workers are understood: they export the same vllm: names. vLLM has
+no tideserve_ step statistics or live batch limits; its step statistics are read from what it does export
+(`vllm_steps`) and its KV capacity from `vllm:cache_config_info` (blocks x block size).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 KV_CAPACITY = "tideserve_kv_cache_capacity_tokens"
+CACHE_CONFIG = "vllm:cache_config_info"  # vLLM's cache configuration, in labels
+CACHE_CONFIG_LABELS = ("num_gpu_blocks", "block_size")
+ITERATION_TOKENS = "vllm:iteration_tokens_total"  # vLLM: tokens per engine step (a histogram, despite the name)
 STEP_SECONDS = "tideserve_step_seconds"
 STEP_SEQUENCES = "tideserve_step_sequences"
 STEP_TOKENS = "tideserve_step_tokens"
-COUNTER_HISTOGRAMS = (TTFT, *ITL, TPOT, QUEUE_TIME, E2E, PROMPT_TOKENS, GENERATION_TOKENS, STEP_SECONDS,
-                      STEP_SEQUENCES, STEP_TOKENS)
+COUNTER_HISTOGRAMS = (TTFT, *ITL, TPOT, QUEUE_TIME, E2E, PROMPT_TOKENS, GENERATION_TOKENS, ITERATION_TOKENS,
+                      STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS)
 
 
 class MetricsParseError(ValueError):
@@ -71,6 +75,11 @@ def parse_exposition(text: str) -> MetricsSnapshot:
                 name, labels, value = sample.name, sample.labels, float(sample.value)
                 if name.endswith("_created"):
                     continue
+                if name == CACHE_CONFIG:
+                    capacity = _cache_config_tokens(labels)
+                    if capacity is not None:
+                        values.setdefault(KV_CAPACITY, capacity)
+                    continue
                 if name.endswith("_bucket") and "le" in labels:
                     per_edge = buckets.setdefault(name[: -len("_bucket")], {})
                     edge = float(labels["le"])
@@ -88,6 +97,27 @@ def parse_exposition(text: str) -> MetricsSnapshot:
             raise MetricsParseError(f"histogram {base} has no +Inf bucket")
         histograms[base] = Histogram(edges, tuple(per_edge[e] for e in edges), sums.get(base, 0.0))
     return MetricsSnapshot(histograms, values)
+
+
+def _cache_config_tokens(labels: dict[str, str]) -> float | None:
+    """vLLM's KV capacity in tokens from its cache configuration's labels (None when it does not say)."""
+    try:
+        blocks, block_size = (float(labels[k]) for k in CACHE_CONFIG_LABELS)
+    except (KeyError, ValueError):
+        return None
+    return blocks * block_size if blocks > 0 and block_size > 0 else None
+
+
+def vllm_steps(histograms: dict[str, Histogram]) -> tuple[float, float, float, float] | None:
+    """(steps, mean step seconds, mean decode sequences per step, mean tokens per step) of a window, from the
+    series vLLM exports: every running sequence gets one token per engine step, so each inter-token latency
+    sample is one sequence's share of one step and lasts that step; `vllm:iteration_tokens_total` counts the
+    steps and their tokens. The step time is the inter-token latency's mean, weighted by the batch each step
+    decoded (exact while the batch is steady over the window). None without both series in the window."""
+    itl, steps = histograms.get(ITL[0]), histograms.get(ITERATION_TOKENS)
+    if itl is None or steps is None or not itl.count or not steps.count:
+        return None
+    return steps.count, itl.mean, itl.count / steps.count, steps.mean
 
 
 def _restarted(before: ReplicaSample, now: ReplicaSample) -> bool:
@@ -179,10 +209,10 @@ class WindowAggregator:
         e2e = histograms.get(E2E)
         steps = step_stats.get(STEP_SECONDS)
         n_steps = steps.count if steps is not None else 0.0
-
-        def step_mean(name: str) -> float | None:
-            h = step_stats.get(name)
-            return h.mean if h is not None and n_steps else None
+        step_s, step_seqs, step_tokens = (step_stats[n].mean if n in step_stats and n_steps else None
+                                          for n in (STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS))
+        if not n_steps and (from_vllm := vllm_steps(histograms)) is not None:
+            n_steps, step_s, step_seqs, step_tokens = from_vllm
 
         return Observation(
             time=time, window_s=window_s, desired_replicas=desired_replicas, ready_replicas=len(ready),
@@ -192,7 +222,7 @@ class WindowAggregator:
             queue_time=histograms.get(QUEUE_TIME), prompt_tokens=histograms.get(PROMPT_TOKENS),
             generation_tokens=histograms.get(GENERATION_TOKENS), requests_finished=e2e.count if e2e is not None else 0.0,
             running=running, waiting=waiting, kv_usage=kv_usage, kv_capacity_tokens=kv_capacity, steps=n_steps,
-            step_s=step_mean(STEP_SECONDS), step_seqs=step_mean(STEP_SEQUENCES), step_tokens=step_mean(STEP_TOKENS),
+            step_s=step_s, step_seqs=step_seqs, step_tokens=step_tokens,
             replica_startup_s=replica_startup_s,
             replicas=[ReplicaState(s.name, s.ready,
                                    (s.metrics.value(RUNNING) or 0.0) if s.metrics else 0.0,
