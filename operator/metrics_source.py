@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from tideserve.autoscaler.actuation import is_pending
 from tideserve.autoscaler.scrape import (CACHE_CONFIG, CACHE_CONFIG_LABELS, MetricsParseError, MetricsSnapshot,
                                          parse_exposition)
 from tideserve.operator.manifests import ADMIN_PORT, API_PORT, CONTAINER_NAME
@@ -98,16 +99,14 @@ def is_unschedulable(pod: dict[str, Any]) -> bool:
 
 
 def pending_count(pods: list[dict[str, Any]], now: float, expected_startup_s: float) -> int:
-    """Replicas that asked for capacity and did not get it: not ready and either refused by the scheduler or
-    still starting well past the expected start-up time. The policy adds no replica while any exist."""
+    """Pods that asked for capacity and did not get it (tideserve.autoscaler.actuation.is_pending)."""
     count = 0
     for pod in pods:
-        if is_terminating(pod) or is_ready(pod):
+        if is_terminating(pod):
             continue
         created = parse_time(pod["metadata"].get("creationTimestamp"))
-        overdue = created is not None and now - created > 1.5 * expected_startup_s
-        if is_unschedulable(pod) or overdue:
-            count += 1
+        count += is_pending(is_ready(pod), is_unschedulable(pod), now - created if created is not None else 0.0,
+                            expected_startup_s)
     return count
 
 

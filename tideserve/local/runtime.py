@@ -32,6 +32,7 @@ import httpx
 import prometheus_client
 import uvicorn
 
+from tideserve.autoscaler.actuation import drain_order, is_pending
 from tideserve.autoscaler.observation import Decision
 from tideserve.autoscaler.perf_model import StepTimeParams, fit_step_params
 from tideserve.autoscaler.policy import TideservePolicy
@@ -252,9 +253,7 @@ class LocalRuntime:
             await self._start_replica()
         excess = len(live) - target
         if excess > 0:
-            chosen = set(drain_first)
-            # Replicas still starting go first, then the policy's choice, then the least loaded.
-            order = sorted(live, key=lambda r: (r.ready, r.name not in chosen, r.outstanding))
+            order = drain_order(live, set(drain_first), lambda r: r.ready, lambda r: r.name, lambda r: r.outstanding)
             for r in order[:excess]:
                 self._start_drain(r)
         self.desired = target
@@ -316,8 +315,7 @@ class LocalRuntime:
         now = time.time()
         live = [r for r in self.replicas if not r.draining]
         samples = await asyncio.gather(*(self._sample(r, now) for r in live))
-        startup = 2 * self.policy.startup_s
-        pending = sum(1 for r in live if not r.ready and now - r.created_at > startup)
+        pending = sum(is_pending(r.ready, False, now - r.created_at, self.policy.startup_s) for r in live)
         obs = self.aggregator.observe(now, list(samples), desired_replicas=self.desired, pending_replicas=pending,
                                       max_num_seqs=self.limits[0], max_num_batched_tokens=self.limits[1],
                                       replica_startup_s=self._last_startup)

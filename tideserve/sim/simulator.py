@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tideserve.sim.replica import INF, Replica, SimRequest
+from tideserve.autoscaler.actuation import drain_order, is_pending
 from tideserve.autoscaler.observation import Decision, Observation, ReplicaState
 from tideserve.autoscaler.perf_model import H100_8B, StepTimeParams
 from tideserve.autoscaler.slo import Histogram
 from tideserve.buckets import TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+from tideserve.sim.replica import INF, Replica, SimRequest
 
 TTFT_EDGES = tuple(TTFT_BUCKETS) + (math.inf,)
 TPOT_EDGES = tuple(TPOT_BUCKETS) + (math.inf,)
@@ -151,7 +152,8 @@ class Simulation:
         starting = [r for r in self.replicas if r.ready_at > now]
         obs = Observation(
             time=now, window_s=self.interval_s, desired_replicas=self.desired, ready_replicas=len(ready),
-            pending_replicas=len(self.pending) + sum(1 for r in starting if now - r.created > 2 * self.config.startup_s),
+            pending_replicas=len(self.pending) + sum(is_pending(False, False, now - r.created, self.config.startup_s)
+                                                     for r in starting),
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             ttft=Histogram.from_values(TTFT_EDGES, self.w_ttft),
             tpot=Histogram.from_values(TPOT_EDGES, self.w_tpot),
@@ -212,10 +214,8 @@ class Simulation:
             self.pending.pop()
             excess -= 1
         if excess > 0:
-            by_name = {r.name: r for r in live}
-            chosen = [by_name[n] for n in decision.drain if n in by_name]
-            # Replicas still starting go first, then the policy's choice, then the least loaded.
-            order = sorted(live, key=lambda r: (r.ready_at <= now, r not in chosen, r.outstanding))
+            order = drain_order(live, decision.drain, lambda r: r.ready_at <= now, lambda r: r.name,
+                                lambda r: r.outstanding)
             for r in order[:excess]:
                 r.draining = True
                 if r in self.routable:
