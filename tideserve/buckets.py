@@ -16,4 +16,5 @@ TTFT_BUCKETS = geometric(0.001, 60.0, 20)  # 1 ms .. 60 s
 TPOT_BUCKETS = geometric(0.001, 2.5, 20)  # 1 ms .. 2.5 s
 E2E_BUCKETS = geometric(0.01, 600.0, 10)
 STEP_BUCKETS = geometric(0.0005, 10.0, 10)
+UTILIZATION_BUCKETS = geometric(0.001, 1.5, 10)  # MBU/MFU: 0.1% .. 150% (a peak probe can under-read)
 TOKEN_COUNT_BUCKETS = sorted({float(2**i) for i in range(18)} | {float(3 * 2**i) for i in range(16)})

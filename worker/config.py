@@ -27,6 +27,9 @@ class EngineConfig:
     batch_timeout_s: float = 1.0
     # Bound on the waiting queue; beyond it requests are refused (HTTP 429).
     max_waiting_requests: int = 256
+    # The device's peaks for MBU/MFU (worker/utilization.py); None: measured when the engine starts.
+    peak_bandwidth_gbps: float | None = None
+    peak_tflops: float | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -41,6 +44,10 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.max_waiting_requests < 1:
             raise ValueError("max_waiting_requests must be >= 1")
+        for name in ("peak_bandwidth_gbps", "peak_tflops"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
         validate_batch_limits(self.max_num_seqs, self.max_num_batched_tokens)
 
 

@@ -22,6 +22,7 @@ from tideserve.worker.metrics import EngineMetrics
 from tideserve.worker.sampler import Sampler
 from tideserve.worker.scheduler import ScheduledBatch, Scheduler
 from tideserve.worker.sequence import FinishReason, SamplingParams, Sequence
+from tideserve.worker.utilization import DevicePeak, ModelFootprint, step_kind
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids()
         self.metrics = metrics or EngineMetrics(self.model_name)
         self.metrics.kv_capacity_tokens.set(self.runner.num_blocks * config.block_size)
+        runner = self.runner
+        self.footprint = ModelFootprint.of(runner.model, runner.num_layers, runner.hf_config.num_attention_heads,
+                                           runner.num_kv_heads, runner.head_dim, runner.dtype)
+        self.peak = self._device_peak(config)
+        self.metrics.peak_bandwidth.set(self.peak.bytes_per_s)
+        self.metrics.peak_flops.set(self.peak.flops_per_s)
         self.requests: dict[str, _Request] = {}
         self._commands: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
@@ -150,6 +157,7 @@ class LLMEngine:
             if n == seq.num_uncomputed_tokens:
                 ready.append(seq)
                 rows.append(row - 1)
+        chunks = [(seq.num_computed_tokens, n) for seq, n in zip(batch.seqs, batch.num_tokens)]
         logits = self.runner.run(batch, rows)
         self.scheduler.postprocess(batch)
         now = time.monotonic()
@@ -157,7 +165,7 @@ class LLMEngine:
             token_ids = self.sampler.sample(logits, [s.params for s in ready], [s.seq_id for s in ready])
             for seq, token_id in zip(ready, token_ids):
                 outputs.append(self._append_token(seq, token_id, now))
-        self._record_step(batch, now - started)
+        self._record_step(batch, now - started, chunks, len(rows))
         return outputs
 
     def _append_token(self, seq: Sequence, token_id: int, now: float) -> RequestOutput:
@@ -251,12 +259,25 @@ class LLMEngine:
         m.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = self.scheduler.num_preemptions
 
-    def _record_step(self, batch: ScheduledBatch, seconds: float) -> None:
+    def _record_step(self, batch: ScheduledBatch, seconds: float, chunks: list[tuple[int, int]],
+                     sampled_rows: int) -> None:
         m = self.metrics
         m.step_tokens.observe(batch.total_tokens)
         m.step_seqs.observe(len(batch.seqs))
         m.step_time.observe(seconds)
+        moved, flops = self.footprint.step_cost(chunks, sampled_rows)
+        seconds = max(seconds, 1e-9)
+        m.step_utilization(step_kind(batch.num_tokens), moved / seconds / self.peak.bytes_per_s,
+                           flops / seconds / self.peak.flops_per_s)
         self._publish_queue_gauges()
+
+    def _device_peak(self, config: EngineConfig) -> DevicePeak:
+        """The peaks MBU and MFU are relative to: as given, else measured on the engine's device now."""
+        if config.peak_bandwidth_gbps and config.peak_tflops:
+            return DevicePeak(config.peak_bandwidth_gbps * 1e9, config.peak_tflops * 1e12, False)
+        measured = DevicePeak.measure(self.runner.device, self.runner.dtype)
+        return DevicePeak(config.peak_bandwidth_gbps * 1e9 if config.peak_bandwidth_gbps else measured.bytes_per_s,
+                          config.peak_tflops * 1e12 if config.peak_tflops else measured.flops_per_s, True)
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         model_limit = getattr(self.runner.hf_config, "max_position_embeddings", None) or 8192

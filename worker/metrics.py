@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tideserve.buckets import E2E_BUCKETS, STEP_BUCKETS, TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+from tideserve.buckets import (E2E_BUCKETS, STEP_BUCKETS, TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS,
+                               UTILIZATION_BUCKETS)
 
 
 class EngineMetrics:
@@ -58,6 +59,19 @@ class EngineMetrics:
         self.draining = gauge("tideserve_draining", "1 while the worker drains before exit.")
         self.kv_capacity_tokens = gauge("tideserve_kv_cache_capacity_tokens",
                                         "Tokens the KV cache holds (blocks x block size): the autoscaler's KV bound.")
+        step_kind = labels + ["kind"]
+        self._mbu = Histogram("tideserve_mbu", "Per step: bytes read and written / step time / peak bandwidth, "
+                              "by step kind (decode, prefill, mixed).", step_kind, buckets=UTILIZATION_BUCKETS,
+                              registry=r)
+        self._mfu = Histogram("tideserve_mfu", "Per step: FLOPs / step time / peak FLOP/s, by step kind.", step_kind,
+                              buckets=UTILIZATION_BUCKETS, registry=r)
+        self.peak_bandwidth = gauge("tideserve_device_peak_bytes_per_second",
+                                    "The device bandwidth MBU is relative to (measured at start, or given).")
+        self.peak_flops = gauge("tideserve_device_peak_flops", "The device FLOP/s MFU is relative to.")
+
+    def step_utilization(self, kind: str, mbu: float, mfu: float) -> None:
+        self._mbu.labels(self._model_name, kind).observe(mbu)
+        self._mfu.labels(self._model_name, kind).observe(mfu)
 
     def request_finished(self, reason: str) -> None:
         self._success.labels(self._model_name, reason).inc()

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-file", help="file with accepted API keys, one per line (or env TIDESERVE_API_KEY)")
     parser.add_argument("--admin-token-file", help="file with the admin bearer token, read again when it changes "
                         "(or env TIDESERVE_ADMIN_TOKEN)")
+    parser.add_argument("--peak-bandwidth-gbps", type=float,
+                        help="the device's memory bandwidth, GB/s, for tideserve_mbu (default: measured at start)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak TFLOP/s in the model's dtype, for tideserve_mfu (default: measured)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-level", default="info")
 
@@ -72,6 +76,8 @@ def engine_config_from_args(args: argparse.Namespace):
         batching_mode=args.batching_mode,
         batch_timeout_s=args.batch_timeout,
         max_waiting_requests=args.max_waiting_requests,
+        peak_bandwidth_gbps=args.peak_bandwidth_gbps,
+        peak_tflops=args.peak_tflops,
         seed=args.seed,
     )
 

@@ -123,6 +123,10 @@ class BenchSummary:
     goodput: float | None
     goodput_output_throughput: float | None
     errors: dict[str, int]  # failure message -> count
+    # What the server says of its steps over the run (tideserve workers: tideserve_mbu / tideserve_mfu), the mean
+    # over decode steps and over prefill steps; None where the server does not export them.
+    server_mbu_decode: float | None = None
+    server_mfu_prefill: float | None = None
 
 
 @dataclass
@@ -161,6 +165,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
         progress = tqdm(
             total=len(config.workload), desc=config.label or "requests", unit="req", disable=not config.progress
         )
+        before = await server_step_utilization(client)
         start = time.perf_counter()
 
         async def run_one(index: int, request: TraceRequest) -> RequestRecord:
@@ -181,8 +186,41 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
         records = await asyncio.gather(*(run_one(i, r) for i, r in enumerate(config.workload)))
         duration_s = time.perf_counter() - start
         progress.close()
+        after = await server_step_utilization(client)
     summary = summarize(records, duration_s, config.slo_ttft_ms, config.slo_tpot_ms)
+    summary.server_mbu_decode = _mean_between(before, after, ("tideserve_mbu", "decode"))
+    summary.server_mfu_prefill = _mean_between(before, after, ("tideserve_mfu", "prefill"))
     return BenchResult(config.label, model, config.endpoint, summary, records)
+
+
+async def server_step_utilization(client: httpx.AsyncClient) -> dict[tuple[str, str], tuple[float, float]]:
+    """(metric, step kind) -> (sum, count) of the server's per-step MBU/MFU histograms on GET /metrics; empty
+    where it exports none or has no /metrics (behind a proxy: the worker that answered)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = await client.get("/metrics", timeout=10.0)
+        if response.status_code != 200:
+            return {}
+        found: dict[tuple[str, str], list[float]] = {}
+        for family in text_string_to_metric_families(response.text):
+            if family.name not in ("tideserve_mbu", "tideserve_mfu"):
+                continue
+            for sample in family.samples:
+                suffix = sample.name[len(family.name):]
+                if suffix in ("_sum", "_count") and "kind" in sample.labels:
+                    pair = found.setdefault((family.name, sample.labels["kind"]), [0.0, 0.0])
+                    pair[suffix == "_count"] += sample.value
+        return {key: (s, c) for key, (s, c) in found.items()}
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def _mean_between(before: dict, after: dict, key: tuple[str, str]) -> float | None:
+    if key not in after:
+        return None
+    total, count = (a - b for a, b in zip(after[key], before.get(key, (0.0, 0.0))))
+    return total / count if count > 0 else None
 
 
 def _api_root(base_url: str) -> str:
@@ -348,6 +386,10 @@ def format_summary(result: BenchResult) -> str:
             _row("Goodput (req/s)", f"{s.goodput:.2f}"),
             _row("Goodput output (tok/s)", f"{s.goodput_output_throughput:.1f}"),
         ]
+    for label, value in (("Server MBU, decode steps (mean)", s.server_mbu_decode),
+                         ("Server MFU, prefill steps (mean)", s.server_mfu_prefill)):
+        if value is not None:
+            lines.append(_row(label, f"{100 * value:.1f}%"))
     lines.append(f"{'Latency (ms)':<32}{'mean':>8}{'p50':>8}{'p90':>8}{'p99':>8}")
     for name, stats in (("TTFT", s.ttft), ("TPOT", s.tpot), ("ITL", s.itl), ("E2E", s.e2e)):
         values = (stats.mean_ms, stats.p50_ms, stats.p90_ms, stats.p99_ms)
