@@ -245,6 +245,7 @@ class LocalRuntime:
         await replica.start(args, self.threads)
         replica.limits_pushed = self.limits
         self.replicas.append(replica)
+        self._write_targets()
         log.info("started %s (port %d, admin %d)", replica.name, replica.port, replica.admin_port)
 
     async def _scale_to(self, target: int, drain_first: list[str]) -> None:
