@@ -17,6 +17,7 @@ import asyncio
 import calendar
 import datetime
 import math
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,11 +37,12 @@ LIMIT_SEQS, LIMIT_TOKENS = "tideserve_max_num_seqs", "tideserve_max_num_batched_
 
 
 def parse_time(value: str | None) -> float | None:
-    """An RFC 3339 timestamp as the API server writes it -> seconds since the epoch."""
+    """An RFC 3339 timestamp as the API server (or Prometheus's API, with nanoseconds) writes it -> seconds since
+    the epoch. Digits past microseconds are dropped: Python before 3.11 refuses them."""
     if not value:
         return None
     try:
-        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", value.replace("Z", "+00:00")))
     except ValueError:
         return None
     if parsed.tzinfo is None:

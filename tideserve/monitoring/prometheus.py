@@ -10,10 +10,8 @@ same recording rules and alerts as a cluster's.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +24,7 @@ import httpx
 import yaml
 
 from tideserve.local.replicas import free_port
+from tideserve.operator.metrics_source import parse_time
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "monitoring"
 RULES_FILE = DATA / "prometheus-rules.yaml"
@@ -34,10 +33,6 @@ DASHBOARD_FILE = DATA / "grafana-dashboard.json"
 
 class PrometheusUnavailable(RuntimeError):
     """No prometheus binary here, or it would not start (the message says which, and how to get one)."""
-
-
-def binary(name: str = "prometheus") -> str | None:
-    return shutil.which(name)
 
 
 @dataclass
@@ -73,16 +68,6 @@ def write_targets(path: Path, groups: list[tuple[list[str], dict[str, str]]]) ->
     os.replace(tmp, path)
 
 
-def _rfc3339(value: str) -> float:
-    """The API's timestamps ("2026-12-01T16:40:00.123456789Z", nanoseconds) -> seconds; 0 for none yet."""
-    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", value or "")
-    if not match:
-        return 0.0
-    whole, fraction, zone = match.groups()
-    parsed = datetime.datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
-    return max(0.0, parsed.timestamp() + float(f"0.{fraction or 0}"))
-
-
 class PrometheusServer:
     """Start with `start()`, stop with `stop()` (or use as a context manager)."""
 
@@ -115,7 +100,7 @@ class PrometheusServer:
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def start(self, timeout_s: float = 60.0) -> "PrometheusServer":
-        path = binary()
+        path = shutil.which("prometheus")
         if path is None:
             raise PrometheusUnavailable("no `prometheus` binary on PATH (Debian/Ubuntu: apt-get install prometheus; "
                                         "or a release from prometheus.io)")
@@ -125,7 +110,7 @@ class PrometheusServer:
         try:
             self.process = subprocess.Popen(
                 [path, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.directory / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
+                 f"--web.listen-address=127.0.0.1:{self.port}",
                  "--storage.tsdb.retention.time=1d"],
                 stdout=log, stderr=log, cwd=self.directory, start_new_session=True)
         finally:
@@ -143,11 +128,6 @@ class PrometheusServer:
                 self.stop()
                 raise PrometheusUnavailable(f"prometheus not ready within {timeout_s:.0f} s: {self.log_tail()}")
             time.sleep(0.1)
-
-    def reload(self) -> None:
-        """Re-read the configuration (after `jobs` or `rule_files` changed)."""
-        self.write_config()
-        httpx.post(f"{self.url}/-/reload", timeout=10.0).raise_for_status()
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.directory / "prometheus.log"
@@ -200,7 +180,7 @@ class PrometheusAPI:
 
     def last_scrape(self, job: str) -> dict[str, float]:
         """scrapeUrl -> when each target of `job` was last scraped (seconds since the epoch; 0 before any)."""
-        return {t["scrapeUrl"]: _rfc3339(t.get("lastScrape", "")) for t in self.targets()
+        return {t["scrapeUrl"]: max(0.0, parse_time(t.get("lastScrape")) or 0.0) for t in self.targets()
                 if t["labels"].get("job") == job}
 
     def wait_for_scrapes(self, job: str, after: float, timeout_s: float = 60.0) -> None:
