@@ -119,3 +119,27 @@ def test_tideserve_bench_reports_the_servers_mbu_over_its_run(tiny_model_dir):
     mbu = exposition.histograms["tideserve_mbu"]
     assert mbu.quantile(0.0) <= s.server_mbu_decode <= mbu.quantile(1.0) * 1.5
     assert "Server MBU, decode steps (mean)" in format_summary(result)
+
+
+def test_the_window_carries_the_mean_mbu_of_its_steps_and_the_local_view_shows_it():
+    from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator
+    from tideserve.local.runtime import TimelinePoint
+    from tideserve.local.view import HEADER, format_row
+    from tideserve.worker.metrics import EngineMetrics
+
+    m = EngineMetrics("m")
+    m.step_utilization("decode", 0.9, 0.01)  # before the window: not in it
+    aggregator = WindowAggregator()
+    common = dict(desired_replicas=1, pending_replicas=0, max_num_seqs=8, max_num_batched_tokens=64)
+
+    def sample(t):
+        return [ReplicaSample("a", t, True, 0.0, parse_exposition(generate_latest(m.registry).decode()))]
+
+    aggregator.observe(100.0, sample(100.0), **common)
+    for _ in range(3):
+        m.step_utilization("decode", 0.2, 0.01)
+    m.step_utilization("prefill", 0.5, 0.4)
+    obs = aggregator.observe(115.0, sample(115.0), **common)
+    assert obs.mbu == pytest.approx((3 * 0.2 + 0.5) / 4)
+    point = TimelinePoint(115.0, 1, 1, 8, 64, 0.1, 0.02, 1.0, 0.0, 1.0, 2.0, "hold", "", False, obs.mbu)
+    assert "MBU" in HEADER and " 27.5% " in format_row(point, 100.0)

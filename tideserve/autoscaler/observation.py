@@ -46,6 +46,7 @@ class Observation:
     step_s: float | None = None
     step_seqs: float | None = None
     step_tokens: float | None = None
+    mbu: float | None = None  # mean model bandwidth utilization of the window's steps (tideserve workers)
     replica_startup_s: float | None = None  # measured start-up of the most recent new replica
     replicas: list[ReplicaState] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # why the window is stale, for status and events

@@ -35,8 +35,9 @@ ITERATION_TOKENS = "vllm:iteration_tokens_total"  # vLLM: tokens per engine step
 STEP_SECONDS = "tideserve_step_seconds"
 STEP_SEQUENCES = "tideserve_step_sequences"
 STEP_TOKENS = "tideserve_step_tokens"
+MBU = "tideserve_mbu"  # per step, summed over step kinds by the parser
 COUNTER_HISTOGRAMS = (TTFT, *ITL, TPOT, QUEUE_TIME, E2E, PROMPT_TOKENS, GENERATION_TOKENS, ITERATION_TOKENS,
-                      STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS)
+                      STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS, MBU)
 
 
 class MetricsParseError(ValueError):
@@ -223,6 +224,7 @@ class WindowAggregator:
             generation_tokens=histograms.get(GENERATION_TOKENS), requests_finished=e2e.count if e2e is not None else 0.0,
             running=running, waiting=waiting, kv_usage=kv_usage, kv_capacity_tokens=kv_capacity, steps=n_steps,
             step_s=step_s, step_seqs=step_seqs, step_tokens=step_tokens,
+            mbu=histograms[MBU].mean if MBU in histograms and histograms[MBU].count else None,
             replica_startup_s=replica_startup_s,
             replicas=[ReplicaState(s.name, s.ready,
                                    (s.metrics.value(RUNNING) or 0.0) if s.metrics else 0.0,

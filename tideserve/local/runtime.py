@@ -78,6 +78,7 @@ class TimelinePoint:
     action: str
     reason: str
     stale: bool
+    mbu: float | None = None
     details: dict = dataclasses.field(default_factory=dict)
 
 
@@ -338,7 +339,7 @@ class LocalRuntime:
         # The point shows the state the decision left: replicas and limits as set, latency as observed.
         point = TimelinePoint(now, self.desired, obs.ready_replicas, *self.limits, details.get("ttft_p"),
                               details.get("tpot_p"), details.get("window_attainment"), obs.waiting, obs.running,
-                              details.get("rate"), decision.action, decision.reason, obs.stale,
+                              details.get("rate"), decision.action, decision.reason, obs.stale, obs.mbu,
                               {k: v for k, v in details.items() if isinstance(v, (int, float, str, type(None)))})
         self.timeline.append(point)
         self.decisions.append(decision)

@@ -10,7 +10,7 @@ from typing import TextIO
 from tideserve.local.runtime import TimelinePoint
 
 HEADER = (f"{'time':>6} {'replicas':>8} {'ready':>5} {'max_seqs':>8} {'tokens':>6} {'TTFT p90':>9} {'TPOT p90':>9} "
-          f"{'attain':>7} {'queue':>5} {'req/s':>6}  decision")
+          f"{'attain':>7} {'queue':>5} {'req/s':>6} {'MBU':>6}  decision")
 
 
 def _ms(value: float | None) -> str:
@@ -20,10 +20,11 @@ def _ms(value: float | None) -> str:
 def format_row(point: TimelinePoint, start: float) -> str:
     attain = "-" if point.attainment is None else f"{100 * point.attainment:.1f}%"
     rate = "-" if point.rate is None else f"{point.rate:.2f}"
+    mbu = "-" if point.mbu is None else f"{100 * point.mbu:.1f}%"
     decision = "STALE metrics: hold" if point.stale else point.action
     return (f"{point.time - start:>5.0f}s {point.desired:>8} {point.ready:>5} {point.max_num_seqs:>8} "
             f"{point.max_num_batched_tokens:>6} {_ms(point.ttft_p):>9} {_ms(point.tpot_p):>9} {attain:>7} "
-            f"{point.waiting:>5.0f} {rate:>6}  {decision}")
+            f"{point.waiting:>5.0f} {rate:>6} {mbu:>6}  {decision}")
 
 
 class LiveView:
