@@ -195,10 +195,11 @@ def _format_value(value: float) -> str:
 def snapshots_from_prometheus(result: list[dict[str, Any]], pod_label: str = "pod") -> dict[str, MetricsSnapshot]:
     """An instant-vector query result (`data.result` of /api/v1/query) -> one snapshot per pod.
 
-    The series are summed per (name, le) as a scrape of the pod would be, rendered in the text format and read
-    by the same parser as a direct scrape, so both ways of collecting agree to the sample. A pod whose series do
-    not parse (a histogram without its +Inf bucket, say) is left out, as an unscrapable pod would be."""
-    per_pod: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
+    Each series is rendered in the text format, one line with the labels the parser reads, and read by the same
+    parser as a direct scrape (which sums a name's label sets), so both ways of collecting agree to the last bit.
+    A pod whose series do not parse (a histogram without its +Inf bucket, say) is left out, as an unscrapable pod
+    would be."""
+    per_pod: dict[str, list[str]] = defaultdict(list)
     for series in result:
         labels = series.get("metric", {})
         pod, name = labels.get(pod_label), labels.get("__name__")
@@ -210,13 +211,10 @@ def snapshots_from_prometheus(result: list[dict[str, Any]], pod_label: str = "po
         kept = ("le",) if name != CACHE_CONFIG else CACHE_CONFIG_LABELS
         rendered = ",".join(f'{k}="{_promql_string(labels[k])}"' for k in kept if k in labels)
         if pod and name:
-            per_pod[pod][name, rendered] += value
+            per_pod[pod].append(f"{name}{{{rendered}}} {_format_value(value)}" if rendered
+                                else f"{name} {_format_value(value)}")
     snapshots = {}
-    for pod, samples in per_pod.items():
-        lines = []
-        for (name, rendered), value in sorted(samples.items()):
-            label = f"{{{rendered}}}" if rendered else ""
-            lines.append(f"{name}{label} {_format_value(value)}")
+    for pod, lines in per_pod.items():
         try:
             snapshots[pod] = parse_exposition("\n".join(lines) + "\n")
         except MetricsParseError:

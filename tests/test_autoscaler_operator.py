@@ -687,3 +687,16 @@ def test_a_vllm_worker_is_calibrated_from_the_series_it_exports():
     via_prometheus = source.snapshots_from_prometheus(result)["v"]
     assert via_prometheus == parse_exposition(text)
     assert via_prometheus.value("tideserve_kv_cache_capacity_tokens") == 27_000 * 16
+
+
+def test_both_collection_paths_sum_label_sets_to_the_same_bits_in_any_order():
+    """A name's label sets (a histogram per step kind, say) are summed in whatever order each path sees them;
+    floating-point addition depends on it, so the parser sums exactly (0.1 + 0.2 + 0.3 in either order)."""
+    text = "".join(f'tideserve_mbu_sum{{kind="{k}"}} {v}\ntideserve_mbu_count{{kind="{k}"}} 1\n'
+                   f'tideserve_mbu_bucket{{kind="{k}",le="+Inf"}} 1\n' for k, v in
+                   (("decode", 0.1), ("prefill", 0.2), ("mixed", 0.3)))
+    result = [{"metric": {"__name__": s.name, **s.labels, "pod": "p"}, "value": [T, repr(s.value)]}
+              for f in text_string_to_metric_families(text) for s in f.samples]
+    direct = parse_exposition(text)
+    assert source.snapshots_from_prometheus(result[::-1])["p"] == direct == source.snapshots_from_prometheus(result)["p"]
+    assert direct.histograms["tideserve_mbu"].total == 0.6

@@ -67,9 +67,12 @@ class MetricsSnapshot:
 
 def parse_exposition(text: str) -> MetricsSnapshot:
     """Parse the Prometheus text format (what /metrics serves). Raises MetricsParseError on malformed text."""
-    buckets: dict[str, dict[float, float]] = {}
-    sums: dict[str, float] = {}
-    values: dict[str, float] = {}
+    # A name's label sets are summed with math.fsum, which does not depend on their order: a direct scrape and
+    # the same series through Prometheus (another order) give the same snapshot to the last bit.
+    buckets: dict[str, dict[float, list[float]]] = {}
+    sums: dict[str, list[float]] = {}
+    values: dict[str, list[float]] = {}
+    cache_capacity: float | None = None
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -77,18 +80,13 @@ def parse_exposition(text: str) -> MetricsSnapshot:
                 if name.endswith("_created"):
                     continue
                 if name == CACHE_CONFIG:
-                    capacity = _cache_config_tokens(labels)
-                    if capacity is not None:
-                        values.setdefault(KV_CAPACITY, capacity)
-                    continue
-                if name.endswith("_bucket") and "le" in labels:
-                    per_edge = buckets.setdefault(name[: -len("_bucket")], {})
-                    edge = float(labels["le"])
-                    per_edge[edge] = per_edge.get(edge, 0.0) + value
+                    cache_capacity = _cache_config_tokens(labels)
+                elif name.endswith("_bucket") and "le" in labels:
+                    buckets.setdefault(name[: -len("_bucket")], {}).setdefault(float(labels["le"]), []).append(value)
                 elif name.endswith("_sum"):
-                    sums[name[: -len("_sum")]] = sums.get(name[: -len("_sum")], 0.0) + value
+                    sums.setdefault(name[: -len("_sum")], []).append(value)
                 else:
-                    values[name] = values.get(name, 0.0) + value
+                    values.setdefault(name, []).append(value)
     except (ValueError, TypeError, IndexError) as exc:
         raise MetricsParseError(f"malformed Prometheus exposition: {exc}") from None
     histograms = {}
@@ -96,8 +94,11 @@ def parse_exposition(text: str) -> MetricsSnapshot:
         edges = tuple(sorted(per_edge))
         if not edges or not math.isinf(edges[-1]):
             raise MetricsParseError(f"histogram {base} has no +Inf bucket")
-        histograms[base] = Histogram(edges, tuple(per_edge[e] for e in edges), sums.get(base, 0.0))
-    return MetricsSnapshot(histograms, values)
+        histograms[base] = Histogram(edges, tuple(math.fsum(per_edge[e]) for e in edges), math.fsum(sums.get(base, ())))
+    totals = {name: math.fsum(parts) for name, parts in values.items()}
+    if cache_capacity is not None:
+        totals.setdefault(KV_CAPACITY, cache_capacity)
+    return MetricsSnapshot(histograms, totals)
 
 
 def _cache_config_tokens(labels: dict[str, str]) -> float | None:
