@@ -28,7 +28,6 @@ class PanelQuery:
     panel: str
     legend: str
     expr: str
-    unit: str = "none"
 
 
 def load(path: Path = DASHBOARD_FILE) -> dict[str, Any]:
@@ -38,8 +37,7 @@ def load(path: Path = DASHBOARD_FILE) -> dict[str, Any]:
 
 def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
     """Every panel target, then every annotation query (its panel name is "annotations: NAME")."""
-    found = [PanelQuery(p["title"], t.get("legendFormat", ""), t["expr"], p.get("fieldConfig", {})
-                        .get("defaults", {}).get("unit", "none"))
+    found = [PanelQuery(p["title"], t.get("legendFormat", ""), t["expr"])
              for p in dashboard["panels"] for t in p.get("targets", [])]
     found += [PanelQuery(f"annotations: {a['name']}", a.get("titleFormat", ""), a["expr"])
               for a in dashboard.get("annotations", {}).get("list", []) if a.get("expr")]
