@@ -35,6 +35,8 @@ TERMINATION_MARGIN_SECONDS = 10
 STARTUP_PROBE_PERIOD_SECONDS = 10
 
 SELECTOR_LABEL = "tideserve.io/llmdeployment"
+ROUTER_LABEL = "tideserve.io/router"  # router pods carry this one, not SELECTOR_LABEL: they are not workers
+ROUTER_CONTAINER_NAME = "router"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "tideserve-operator"
 
@@ -58,6 +60,8 @@ class OperatorConfig:
     tideserve_image: str = "tideserve-worker:0.1.0"
     vllm_image: str = "vllm/vllm-openai:v0.11.0"
     s3_download_image: str = "amazon/aws-cli:2.27.0"
+    # The chart creates it in every namespace the operator watches, with read access to EndpointSlices.
+    router_service_account: str = "tideserve-router"
 
 
 def object_labels(name: str) -> dict[str, str]:
@@ -74,6 +78,31 @@ def object_labels(name: str) -> dict[str, str]:
 
 def selector_labels(name: str) -> dict[str, str]:
     return {SELECTOR_LABEL: name}
+
+
+def router_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "tideserve-router", "app.kubernetes.io/component": "router",
+            "app.kubernetes.io/part-of": "tideserve", MANAGED_BY_LABEL: MANAGED_BY, ROUTER_LABEL: name}
+
+
+def router_selector_labels(name: str) -> dict[str, str]:
+    return {ROUTER_LABEL: name}
+
+
+def router_name(name: str) -> str:
+    return f"{name}-router"
+
+
+def worker_service_name(name: str) -> str:
+    """The headless Service whose EndpointSlices list the worker pods for the router."""
+    return f"{name}-workers"
+
+
+def router_enabled(spec: dict[str, Any]) -> bool:
+    """spec.router.enabled, by default on for the tideserve engine and off for vLLM (which users often front
+    with a gateway of their own)."""
+    enabled = (spec.get("router") or {}).get("enabled")
+    return spec["engine"]["kind"] == "tideserve" if enabled is None else bool(enabled)
 
 
 def label_selector(name: str) -> str:
@@ -338,15 +367,96 @@ def build_deployment(llmd: dict[str, Any], config: OperatorConfig,
 
 
 def build_service(llmd: dict[str, Any]) -> dict[str, Any]:
-    service = llmd["spec"]["service"]
+    """The public Service: in front of the router pods when the router is enabled, else of the workers."""
+    service, name = llmd["spec"]["service"], llmd["metadata"]["name"]
+    selector = router_selector_labels(name) if router_enabled(llmd["spec"]) else selector_labels(name)
     return _owned({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(llmd, service.get("annotations")),
         "spec": {
             "type": service["type"],
-            "selector": selector_labels(llmd["metadata"]["name"]),
+            "selector": selector,
             "ports": [{"name": "http", "port": service["port"], "targetPort": "http", "protocol": "TCP"}],
+        },
+    }, llmd)
+
+
+def build_worker_service(llmd: dict[str, Any]) -> dict[str, Any] | None:
+    """Headless: no cluster IP, no kube-proxy balancing; its EndpointSlices tell the router which worker pods
+    are ready and which terminate. None without the router."""
+    if not router_enabled(llmd["spec"]):
+        return None
+    name = llmd["metadata"]["name"]
+    return _owned({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {**_metadata(llmd), "name": worker_service_name(name)},
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(name),
+            "ports": [{"name": "http", "port": API_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }, llmd)
+
+
+def router_args(llmd: dict[str, Any]) -> list[str]:
+    spec, name = llmd["spec"], llmd["metadata"]["name"]
+    router = spec["router"]
+    return ["router", "--endpointslices", worker_service_name(name), "--port", str(API_PORT),
+            "--policy", router["policy"], "--hold-max-requests", str(router["holdQueue"]["maxRequests"]),
+            "--hold-timeout-seconds", str(router["holdQueue"]["timeoutSeconds"]),
+            "--model-name", spec["model"]["name"]]
+
+
+def build_router_deployment(llmd: dict[str, Any], config: OperatorConfig) -> dict[str, Any] | None:
+    """The router pods (the tideserve worker image, which holds the whole package, running `tideserve router`).
+    None without the router."""
+    spec, name = llmd["spec"], llmd["metadata"]["name"]
+    if not router_enabled(spec):
+        return None
+    router, pod = spec["router"], spec.get("pod", {})
+    container = {
+        "name": ROUTER_CONTAINER_NAME,
+        "image": config.tideserve_image,
+        "imagePullPolicy": spec["engine"]["imagePullPolicy"],
+        "command": ["tideserve"],
+        "args": router_args(llmd),
+        "ports": [{"name": "http", "containerPort": API_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "readinessProbe": _probe("/ready", 5, 2),
+        "livenessProbe": _probe("/health", 10, 3),
+        # As for workers: the Service stops sending new connections before SIGTERM; the open streams then
+        # finish (uvicorn's graceful shutdown) within the grace period, which covers the workers' drain.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "securityContext": _restricted_container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": config.router_service_account,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": termination_grace_seconds(llmd),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if pod.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [{"name": s["name"]} for s in pod["imagePullSecrets"]]
+    return _owned({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {**_metadata(llmd), "name": router_name(name), "labels": router_labels(name)},
+        "spec": {
+            "replicas": router["replicas"],
+            "selector": {"matchLabels": router_selector_labels(name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 5,
+            "template": {"metadata": {"labels": router_labels(name), "annotations": {
+                "kubectl.kubernetes.io/default-container": ROUTER_CONTAINER_NAME,
+                "prometheus.io/scrape": "true", "prometheus.io/port": str(API_PORT),
+                "prometheus.io/path": "/metrics"}},
+                "spec": pod_spec},
         },
     }, llmd)
 
@@ -370,17 +480,30 @@ def build_admin_secret(llmd: dict[str, Any], token: str) -> dict[str, Any] | Non
 
 
 def build_pod_disruption_budget(llmd: dict[str, Any]) -> dict[str, Any] | None:
-    """One voluntary disruption (node drain) at a time. Only with more than one replica: for a single one a
-    budget either protects nothing (maxUnavailable 1) or blocks every node drain (minAvailable 1)."""
-    if llmd["spec"]["replicas"] <= 1:
+    """The workers' budget: one voluntary disruption (node drain) at a time."""
+    return _disruption_budget(llmd, llmd["spec"]["replicas"], _metadata(llmd), selector_labels(llmd["metadata"]["name"]))
+
+
+def build_router_pod_disruption_budget(llmd: dict[str, Any]) -> dict[str, Any] | None:
+    spec, name = llmd["spec"], llmd["metadata"]["name"]
+    if not router_enabled(spec):
+        return None
+    metadata = {**_metadata(llmd), "name": router_name(name), "labels": router_labels(name)}
+    return _disruption_budget(llmd, spec["router"]["replicas"], metadata, router_selector_labels(name))
+
+
+def _disruption_budget(llmd, replicas: int, metadata: dict[str, Any], selector: dict[str, str]) -> dict[str, Any] | None:
+    """Only with more than one replica: for a single one a budget either protects nothing (maxUnavailable 1) or
+    blocks every node drain (minAvailable 1)."""
+    if replicas <= 1:
         return None
     return _owned({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(llmd),
+        "metadata": metadata,
         "spec": {
             "maxUnavailable": 1,
-            "selector": {"matchLabels": selector_labels(llmd["metadata"]["name"])},
+            "selector": {"matchLabels": selector},
             # A crash-looping pod must not block a node drain.
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },

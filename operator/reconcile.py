@@ -54,7 +54,11 @@ def children(namespace: str, name: str) -> dict[str, Child]:
     return {"Secret": child("Secret", "/api/v1", "secrets", manifests.admin_secret_name(name)),
             "Deployment": child("Deployment", "/apis/apps/v1", "deployments"),
             "Service": child("Service", "/api/v1", "services"),
-            "PodDisruptionBudget": child("PodDisruptionBudget", "/apis/policy/v1", "poddisruptionbudgets")}
+            "PodDisruptionBudget": child("PodDisruptionBudget", "/apis/policy/v1", "poddisruptionbudgets"),
+            "WorkerService": child("Service", "/api/v1", "services", manifests.worker_service_name(name)),
+            "RouterDeployment": child("Deployment", "/apis/apps/v1", "deployments", manifests.router_name(name)),
+            "RouterPodDisruptionBudget": child("PodDisruptionBudget", "/apis/policy/v1", "poddisruptionbudgets",
+                                               manifests.router_name(name))}
 
 
 def _with_precondition(patch: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +94,10 @@ def reconcile(kube, config: manifests.OperatorConfig, admin_key: admin_token.Adm
         annotations = {admin_token.TOKEN_ANNOTATION: " ".join(secret)} if secret else None
         desired = {"Deployment": manifests.build_deployment(llmd, config, annotations),
                    "Service": manifests.build_service(llmd),
-                   "PodDisruptionBudget": manifests.build_pod_disruption_budget(llmd)}
+                   "PodDisruptionBudget": manifests.build_pod_disruption_budget(llmd),
+                   "WorkerService": manifests.build_worker_service(llmd),
+                   "RouterDeployment": manifests.build_router_deployment(llmd, config),
+                   "RouterPodDisruptionBudget": manifests.build_router_pod_disruption_budget(llmd)}
         if problem is not None:  # pods must not start against a Secret that is not this deployment's
             del desired["Deployment"]
         for kind, child_desired in desired.items():
@@ -101,7 +108,8 @@ def reconcile(kube, config: manifests.OperatorConfig, admin_key: admin_token.Adm
             except ApiException as exc:
                 if exc.status not in REJECTED:
                     raise
-                problems.append(Problem("ApplyRejected", f"{kind} {name}: {exc.status} {_api_message(exc)}"))
+                problems.append(Problem("ApplyRejected", f"{child.kind} {child.path.rsplit('/', 1)[1]}: "
+                                                         f"{exc.status} {_api_message(exc)}"))
                 continue
             if isinstance(result, Problem):
                 problems.append(result)
@@ -166,7 +174,8 @@ def _converge_child(kube, llmd, child: Child, desired: dict[str, Any] | None, ob
     if updated is observed:
         return observed, None, None
     changed = patching.changed_paths(desired, observed)
-    if child.kind == "Deployment" and desired["spec"]["replicas"] != observed["spec"].get("replicas", 1):
+    workers = child.kind == "Deployment" and name == llmd["metadata"]["name"]
+    if workers and desired["spec"]["replicas"] != observed["spec"].get("replicas", 1):
         decision = status_mod.scaling_decision(llmd, observed["spec"].get("replicas", 1), desired["spec"]["replicas"], now)
         changed = [c for c in changed if c != "spec.replicas"]
         message = f"Deployment {name} scaled from {decision['from']} to {decision['to']}: {decision['reason']}"

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tideserve.operator.manifests import router_enabled
+
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -53,6 +55,11 @@ def validate(llmdeployment: dict[str, Any]) -> list[FieldError]:
         errors.append(FieldError("spec.resources.gpuType", "needs resources.gpus of at least 1"))
     if autoscaling["minReplicas"] > autoscaling["maxReplicas"]:
         errors.append(FieldError("spec.autoscaling.minReplicas", "must not exceed autoscaling.maxReplicas"))
+    if autoscaling["scaleToZeroAfterSeconds"] > 0 and autoscaling["minReplicas"] != 0:
+        errors.append(FieldError("spec.autoscaling.scaleToZeroAfterSeconds", "needs autoscaling.minReplicas 0"))
+    if autoscaling["minReplicas"] == 0 and not router_enabled(spec):
+        errors.append(FieldError("spec.autoscaling.minReplicas",
+                                 "0 needs the router (router.enabled): only it holds requests while no worker runs"))
     if autoscaling["maxStep"] > autoscaling["maxReplicas"]:
         errors.append(FieldError("spec.autoscaling.maxStep", "must not exceed autoscaling.maxReplicas"))
     slo = spec.get("slo", {})

@@ -1,5 +1,5 @@
 """The closed loop on this machine: `tideserve up`'s runtime with the demo model, real worker processes, the
-proxy and the policy, under a load step and its fall. Slow (a few minutes of real load on CPU)."""
+router and the policy, under a load step and its fall. Slow (a few minutes of real load on CPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from tideserve.bench.loadgen import BenchConfig, run_benchmark
 from tideserve.local import deployment
 from tideserve.autoscaler.spec import initial_batch_limits
 from tideserve.local.demo import DEMO_YAML, DemoLoad, single_replica_rate
-from tideserve.local.proxy import pick_least_outstanding
 from tideserve.local.replicas import WorkerProcess, free_port
 from tideserve.local.runtime import LocalRuntime
 from tideserve.traces import TraceRequest, load_trace, scale_tokens
@@ -130,16 +129,3 @@ def test_up_refuses_a_deployment_it_cannot_run(tmp_path):
                               str(path)],
                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert run.returncode == 2 and message in run.stderr, run.stderr
-
-
-def test_the_proxy_picks_the_routable_replica_with_the_fewest_requests_in_flight(tmp_path):
-    class Ready(WorkerProcess):
-        ready = True
-
-    a, b, c = (Ready(name, tmp_path) for name in "abc")
-    a.outstanding, b.outstanding, c.outstanding = 3, 1, 1
-    c.draining = True
-    assert pick_least_outstanding([a, b, c]) is b
-    b.outstanding = 5
-    assert pick_least_outstanding([a, b, c]) is a
-    assert pick_least_outstanding([c]) is None

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "models": ("tideserve.worker.builtin_models", "Write the built-in models (tiny, smollm2) to local directories."),
     "up": ("tideserve.local.up", "Run an LLMDeployment YAML on this machine: worker processes, a proxy, the autoscaler."),
     "demo": ("tideserve.local.demo", "Run the demo model locally under a compressed real trace, autoscaled live; ends with a PNG."),
+    "router": ("tideserve.router.main", "Run the router: prefix- and load-aware routing over one LLMDeployment's workers."),
     "operator": ("tideserve.operator.main", "Run the Kubernetes operator that turns LLMDeployments into worker Deployments."),
     "simulate": ("tideserve.sim.cli", "Replay a trace against the Tideserve autoscaler and the baselines."),
     "dashboard": ("tideserve.monitoring.dashboard", "Draw the shipped Grafana dashboard's panels from a Prometheus as one PNG."),

@@ -149,6 +149,8 @@ class LLMEngine:
         started = time.monotonic()
         for seq in batch.started:
             self.metrics.queue_time.observe(started - seq.arrival_time)
+            self.metrics.prefix_cache_queries.inc(seq.num_prompt_tokens)
+            self.metrics.prefix_cache_hits.inc(seq.num_cached_prompt_tokens)
         # A sequence samples a token when this step computes all of its pending tokens; its logits row is
         # the packed position of its last scheduled token.
         ready, rows, row = [], [], 0

@@ -44,6 +44,9 @@ class EngineMetrics:
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
+        # vLLM's names: prompt tokens looked up in the prefix cache at admission, and those found there.
+        self.prefix_cache_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("vllm:num_preemptions", "Sequences preempted (recomputed later).")
         self._success = Counter(
             "vllm:request_success", "Finished requests by reason.", labels + ["finished_reason"], registry=r

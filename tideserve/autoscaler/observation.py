@@ -40,6 +40,7 @@ class Observation:
     running: float = 0.0  # summed over ready replicas, at the end of the window
     waiting: float = 0.0
     kv_usage: float = 0.0  # the highest over replicas
+    held_requests: float = 0.0  # held by the router for lack of a ready replica: demand at zero replicas
     kv_capacity_tokens: float | None = None  # what the smallest replica's KV cache holds, when it says
     # Engine step statistics over the window (means per step), for calibrating the performance model.
     steps: float = 0.0

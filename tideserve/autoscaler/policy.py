@@ -56,8 +56,9 @@ class PolicyConfig:
     ttft: PercentileSLO = field(default_factory=lambda: PercentileSLO(90, 1.0))
     tpot: PercentileSLO = field(default_factory=lambda: PercentileSLO(90, 0.05))
     attainment_target: float = 0.99
-    min_replicas: int = 1
+    min_replicas: int = 1  # 0: the deployment may sit at zero (started by held requests, see scale_to_zero_after_s)
     max_replicas: int = 32
+    scale_to_zero_after_s: float = 0.0  # with min_replicas 0: go to zero after this long without a request; 0 never
     interval_s: float = 15.0
     scale_up_stabilization_s: float = 0.0
     scale_down_stabilization_s: float = 180.0  # two replica start-ups; the other scale-down guards still apply
@@ -81,9 +82,17 @@ class PolicyConfig:
     advisory: bool = False
     bootstrap: StepTimeParams = H100_8B
 
+    @property
+    def floor(self) -> int:
+        """The fewest replicas while the deployment serves: one even with min_replicas 0 (only scale_to_zero
+        and an idle start leave it at zero)."""
+        return max(1, self.min_replicas)
+
     def __post_init__(self):
-        if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ValueError("need 1 <= min_replicas <= max_replicas")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        if self.scale_to_zero_after_s < 0:
+            raise ValueError("scale_to_zero_after_s must be >= 0")
         if not 0 < self.min_headroom <= self.headroom <= self.max_headroom:
             raise ValueError("need 0 < min_headroom <= headroom <= max_headroom")
         if self.max_step_up < 1 or self.max_step_down < 1:
@@ -117,6 +126,7 @@ class TideservePolicy:
         self.infeasible_share = 0.0
         self.max_feasible_prompt = math.inf
         self._last_in_flight = 0.0
+        self._last_request: float | None = None  # when a request was last seen (scale to zero)
         self._started: float | None = None
         self._last_scale_down = -math.inf
         self._mix_baseline: tuple[float, float] | None = None
@@ -127,12 +137,32 @@ class TideservePolicy:
 
     # --- the decision ---------------------------------------------------------------------------------
 
+    def _at_or_to_zero(self, obs: Observation, limits: BatchLimits) -> Decision | None:
+        """Scale from zero on requests the router holds, to zero after scale_to_zero_after_s without any;
+        None when neither applies and the usual decision follows."""
+        c = self.config
+        if obs.held_requests or obs.requests_finished or obs.running or obs.waiting or self._last_request is None:
+            self._last_request = obs.time
+        if obs.desired_replicas == 0:
+            if obs.held_requests:
+                target = min(c.max_replicas, max(c.floor, math.ceil(obs.held_requests / max(limits.max_num_seqs, 1))))
+                return self._decision(obs, target, limits, "scale-up", f"scale from zero 0->{target}: "
+                                      f"{obs.held_requests:g} request(s) held by the router")
+            return self._decision(obs, 0, limits, "hold", "at zero: no request held by the router")
+        idle_s = obs.time - self._last_request
+        if c.min_replicas == 0 and c.scale_to_zero_after_s > 0 and idle_s >= c.scale_to_zero_after_s and not obs.stale:
+            return self._decision(obs, 0, limits, "scale-down", f"scale to zero {obs.desired_replicas}->0: no request "
+                                  f"for {idle_s:.0f} s (scaleToZeroAfterSeconds {c.scale_to_zero_after_s:g})")
+        return None
+
     def decide(self, obs: Observation) -> Decision:
         c = self.config
         current = obs.desired_replicas
         current_limits = BatchLimits(obs.max_num_seqs, obs.max_num_batched_tokens)
         if self._started is None:
             self._started = obs.time
+        if (zero := self._at_or_to_zero(obs, current_limits)) is not None:
+            return zero
         if obs.stale:
             why = f" ({'; '.join(obs.problems)})" if obs.problems else ""
             return self._decision(obs, current, current_limits, "hold", "MetricsStale: holding replicas and batch "
@@ -159,7 +189,7 @@ class TideservePolicy:
         limits, capacity = self._batch_limits(current_limits, plan_mix)
         self._adapt_headroom(obs, slo, rate, capacity.rate)
         per_replica = max(capacity.rate * self.headroom, 1e-6)
-        needed = math.ceil(demand / per_replica) if demand > 0 else c.min_replicas
+        needed = math.ceil(demand / per_replica) if demand > 0 else c.floor
         if self._smoothed_pressure > 1.0 and obs.ready_replicas >= current:
             # The model under-predicts: the tail misses its target now. Add capacity in proportion (<= +25%).
             needed = max(needed, current + math.ceil(current * min(self._smoothed_pressure - 1.0, 0.25)))
@@ -289,7 +319,7 @@ class TideservePolicy:
         flight. A cap that no latency signal raises: a tail that more replicas cannot shorten must not buy them."""
         c = self.config
         work = demand * self.model.load_coefficient(mix)  # step-seconds per second of the load's tokens
-        return max(c.min_replicas, math.ceil(work / c.min_utilization), math.ceil(in_flight))
+        return max(c.floor, math.ceil(work / c.min_utilization), math.ceil(in_flight))
 
     @staticmethod
     def _mean_in_flight(obs: Observation) -> float:
@@ -410,7 +440,7 @@ class TideservePolicy:
     def _stabilize(self, obs: Observation, needed: int, demand: float, capacity_rate: float) -> int:
         c = self.config
         current = obs.desired_replicas
-        needed = max(c.min_replicas, min(c.max_replicas, needed))
+        needed = max(c.floor, min(c.max_replicas, needed))
         self._recommendations.append((obs.time, needed))
         horizon = max(c.scale_up_stabilization_s, c.scale_down_stabilization_s)
         while self._recommendations and self._recommendations[0][0] < obs.time - horizon:

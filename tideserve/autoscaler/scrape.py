@@ -160,7 +160,7 @@ class WindowAggregator:
 
     def observe(self, time: float, samples: list[ReplicaSample], *, desired_replicas: int, pending_replicas: int,
                 max_num_seqs: int, max_num_batched_tokens: int, replica_startup_s: float | None = None,
-                ) -> Observation:
+                held_requests: float = 0.0) -> Observation:
         window_s = time - self._last_time if self._last_time is not None else 0.0
         ready = [s for s in samples if s.ready]
         problems = [f"{s.name}: no metrics" for s in ready if s.metrics is None]
@@ -223,7 +223,8 @@ class WindowAggregator:
             ttft=histograms.get(TTFT), itl=histograms.get(ITL[0]), tpot=histograms.get(TPOT),
             queue_time=histograms.get(QUEUE_TIME), prompt_tokens=histograms.get(PROMPT_TOKENS),
             generation_tokens=histograms.get(GENERATION_TOKENS), requests_finished=e2e.count if e2e is not None else 0.0,
-            running=running, waiting=waiting, kv_usage=kv_usage, kv_capacity_tokens=kv_capacity, steps=n_steps,
+            running=running, waiting=waiting, kv_usage=kv_usage, held_requests=held_requests,
+            kv_capacity_tokens=kv_capacity, steps=n_steps,
             step_s=step_s, step_seqs=step_seqs, step_tokens=step_tokens,
             mbu=histograms[MBU].mean if MBU in histograms and histograms[MBU].count else None,
             replica_startup_s=replica_startup_s,

@@ -49,8 +49,8 @@ def policy_config(spec: dict[str, Any], bootstrap: StepTimeParams = H100_8B) -> 
             ttft=objective("ttft", UNSET_TTFT_S),
             tpot=objective("tpot", UNSET_TPOT_S),
             attainment_target=min(float(slo.get("targetAttainment", 0.95)), 0.999),
-            # Scale to zero is not supported: a deployment keeps one replica to measure its load on.
-            min_replicas=max(1, int(autoscaling.get("minReplicas", 1))),
+            min_replicas=int(autoscaling.get("minReplicas", 1)),
+            scale_to_zero_after_s=float(autoscaling.get("scaleToZeroAfterSeconds", 0)),
             max_replicas=int(autoscaling.get("maxReplicas", 4)),
             interval_s=float(autoscaling.get("intervalSeconds", 30)),
             scale_up_stabilization_s=float(autoscaling.get("scaleUpStabilizationSeconds", 60)),

@@ -169,7 +169,7 @@ async def run_demo(llmd: dict, args: argparse.Namespace) -> dict:
         "batch_limits": sorted({(p.max_num_seqs, p.max_num_batched_tokens) for p in runtime.timeline}),
         "scaling_actions": sum(1 for d in runtime.decisions if d.action in ("scale-up", "scale-down")),
         "drained": runtime.retired,
-        "proxy_retries": runtime.proxy.retried,
+        "router_retries": runtime.router.retried,
         "profile": runtime.profile.to_dict() if runtime.profile else None,
         "profile_at_end": runtime.policy.model.params.to_dict(),
         "one_replica_rate": one_replica, "peak_rate": peak,

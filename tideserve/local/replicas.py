@@ -21,8 +21,7 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """One replica. `routable` is the proxy's view: ready and not draining. `outstanding` counts the requests
-    the proxy has in flight to it (least-outstanding balancing reads it)."""
+    """One replica. `routable` is the router's view: ready and not draining."""
 
     def __init__(self, name: str, log_dir: Path):
         self.name = name
@@ -32,7 +31,6 @@ class WorkerProcess:
         self.created_at = time.time()
         self.ready_at: float | None = None
         self.draining = False
-        self.outstanding = 0
         self.limits_pushed: tuple[int, int] | None = None
 
     @property

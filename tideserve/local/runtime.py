@@ -1,5 +1,6 @@
-"""`tideserve up`: one LLMDeployment on this machine. Worker processes stand in for pods, a least-outstanding
-proxy for the Service, and the autoscaling loop is the cluster's: the same metric windows
+"""`tideserve up`: one LLMDeployment on this machine. Worker processes stand in for pods, the product's router
+(tideserve.router, fed the replica list instead of EndpointSlices) for the Service, and the autoscaling loop is
+the cluster's: the same metric windows
 (tideserve.autoscaler.scrape), the same policy, the same spec mapping. Only the actuators differ: starting and
 draining processes instead of patching spec.replicas, and admin calls to local ports instead of pod IPs.
 
@@ -41,11 +42,11 @@ from tideserve.autoscaler.scrape import (STEP_SECONDS, STEP_SEQUENCES, STEP_TOKE
 from tideserve.autoscaler.spec import initial_batch_limits, policy_config
 from tideserve.bench.loadgen import make_prompt
 from tideserve.local import deployment
-from tideserve.local.proxy import Proxy
 from tideserve.local.replicas import WorkerProcess, free_port
 from tideserve.monitoring.prometheus import RULES_FILE, PrometheusServer, PrometheusUnavailable, ScrapeJob, write_targets
 from tideserve.operator import autoscaler_status as loop_status
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
+from tideserve.router.server import Endpoint, HoldQueue, Router
 
 log = logging.getLogger("tideserve.local")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape drowns the view
@@ -96,7 +97,7 @@ class LocalRuntime:
         self.policy = TideservePolicy(self.config)
         self.enabled = self.spec["autoscaling"]["mode"] != "off"
         self.limits = initial_batch_limits(self.spec)
-        self.desired = max(self.config.min_replicas if self.enabled else 1, self.spec["replicas"])
+        self.desired = max(self.config.min_replicas if self.enabled else 1, self.spec["replicas"])  # 0: start idle
         if self.enabled:
             self.desired = min(self.desired, self.config.max_replicas)
         self.threads = deployment.cpu_threads(self.spec)
@@ -113,7 +114,10 @@ class LocalRuntime:
         self.decisions: list[Decision] = []
         self.profile: StepTimeParams | None = None
         self.aggregator = WindowAggregator(max_sample_age_s=3 * self.config.interval_s)
-        self.proxy = Proxy(lambda: self.replicas)
+        router = self.spec["router"]
+        self.router = Router(router["policy"], HoldQueue(router["holdQueue"]["maxRequests"],
+                                                         router["holdQueue"]["timeoutSeconds"]),
+                             [self.spec["model"]["name"]])
         self.client = httpx.AsyncClient(timeout=5.0)
         # The workers' admin port takes a bearer token, as in a cluster: other local users cannot change limits.
         token = secrets.token_urlsafe(32)
@@ -147,16 +151,17 @@ class LocalRuntime:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then drain every replica."""
-        self._server = uvicorn.Server(uvicorn.Config(self.proxy, host=self.host, port=self.port,
+        self._server = uvicorn.Server(uvicorn.Config(self.router, host=self.host, port=self.port,
                                                      log_level="warning", lifespan="on"))
         self._server.install_signal_handlers = lambda: None  # the caller owns signals
         server_task = asyncio.ensure_future(self._server.serve())
         try:
             await self._start_monitoring()
             await self._scale_to(self.desired, [])
-            await self._wait_first_ready(stop)
-            if self.calibrate and self.enabled:
-                await self._calibrate(self._routable()[0])
+            if self.desired:  # from zero, the first replica starts for the first held request
+                await self._wait_first_ready(stop)
+                if self.calibrate and self.enabled:
+                    await self._calibrate(self._routable()[0])
             self.started.set()
             await self._control_loop(stop)
         finally:
@@ -235,6 +240,11 @@ class LocalRuntime:
         missing = self.desired - len([r for r in self.replicas if not r.draining])
         for _ in range(max(0, missing)):
             await self._start_replica()
+        self._update_router()
+
+    def _update_router(self) -> None:
+        """What EndpointSlices are in a cluster: every live replica, routable while ready and not draining."""
+        self.router.update([Endpoint(r.name, r.url, r.routable) for r in self.replicas])
 
     # --- actuators -------------------------------------------------------------------------------------
 
@@ -255,13 +265,18 @@ class LocalRuntime:
             await self._start_replica()
         excess = len(live) - target
         if excess > 0:
-            order = drain_order(live, set(drain_first), lambda r: r.ready, lambda r: r.name, lambda r: r.outstanding)
+            order = drain_order(live, set(drain_first), lambda r: r.ready, lambda r: r.name, self._in_flight)
             for r in order[:excess]:
                 self._start_drain(r)
         self.desired = target
 
+    def _in_flight(self, replica: WorkerProcess) -> int:
+        load = self.router.loads.get(replica.name)
+        return load.in_flight if load is not None else 0
+
     def _start_drain(self, replica: WorkerProcess) -> None:
-        replica.draining = True  # the proxy stops sending it requests at once
+        replica.draining = True
+        self._update_router()  # the router stops sending it requests at once
         task = asyncio.ensure_future(self._drain(replica))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
@@ -270,6 +285,7 @@ class LocalRuntime:
         code = await replica.drain(self.drain_timeout_s)
         if replica in self.replicas:
             self.replicas.remove(replica)
+            self._update_router()
         self.retired.append((replica.name, code))
         log.info("%s drained (exit code %s)", replica.name, code)
 
@@ -305,6 +321,8 @@ class LocalRuntime:
         while not stop.is_set():
             next_at += self.config.interval_s
             while time.monotonic() < next_at and not stop.is_set():
+                if self.router.held and not self.desired:
+                    break  # requests wait at zero replicas: decide now, not at the end of the interval
                 await self._check_replicas()
                 await self._push_limits()
                 self._write_targets()
@@ -320,7 +338,7 @@ class LocalRuntime:
         pending = sum(is_pending(r.ready, False, now - r.created_at, self.policy.startup_s) for r in live)
         obs = self.aggregator.observe(now, list(samples), desired_replicas=self.desired, pending_replicas=pending,
                                       max_num_seqs=self.limits[0], max_num_batched_tokens=self.limits[1],
-                                      replica_startup_s=self._last_startup)
+                                      replica_startup_s=self._last_startup, held_requests=self.router.held)
         self._last_startup = None
         decision = self.policy.decide(obs)
         self.conditions = loop_status.merge_conditions(
