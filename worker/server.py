@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-timeout", type=float, default=1.0, help="static mode: max wait for a full batch (s)")
     parser.add_argument("--max-waiting-requests", type=int, default=256, help="beyond this, requests get 429")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
-    parser.add_argument("--drain-timeout", type=float, default=30.0, help="grace period for in-flight requests (s)")
+    parser.add_argument("--drain-timeout", type=float, default=120.0,
+                        help="grace period for in-flight requests (s): a 2,000-token stream at 50 ms per token")
     parser.add_argument("--api-key-file", help="file with accepted API keys, one per line (or env TIDESERVE_API_KEY)")
     parser.add_argument("--admin-token-file", help="file with the admin bearer token, read again when it changes "
                         "(or env TIDESERVE_ADMIN_TOKEN)")

@@ -157,7 +157,7 @@ class LocalRuntime:
         server_task = asyncio.ensure_future(self._server.serve())
         try:
             await self._start_monitoring()
-            await self._scale_to(self.desired, [])
+            await self.scale_to(self.desired, [])
             if self.desired:  # from zero, the first replica starts for the first held request
                 await self._wait_first_ready(stop)
                 if self.calibrate and self.enabled:
@@ -259,7 +259,7 @@ class LocalRuntime:
         self._write_targets()
         log.info("started %s (port %d, admin %d)", replica.name, replica.port, replica.admin_port)
 
-    async def _scale_to(self, target: int, drain_first: list[str]) -> None:
+    async def scale_to(self, target: int, drain_first: list[str]) -> None:
         live = [r for r in self.replicas if not r.draining]
         for _ in range(target - len(live)):
             await self._start_replica()
@@ -351,7 +351,7 @@ class LocalRuntime:
         if self.enabled and decision.apply:
             self.limits = (decision.max_num_seqs, decision.max_num_batched_tokens)
             if decision.replicas != self.desired:
-                await self._scale_to(decision.replicas, decision.drain)
+                await self.scale_to(decision.replicas, decision.drain)
             await self._push_limits()
         details = decision.details
         # The point shows the state the decision left: replicas and limits as set, latency as observed.
