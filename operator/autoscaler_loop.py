@@ -52,6 +52,10 @@ DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 DRAIN_ANNOTATION = "tideserve.io/drain"  # marks the deletion costs this operator set, to take them back
 DRAIN_DELETION_COST = "-1000"
 CONFLICT_RETRIES = 3
+# At zero replicas the only signal is the router's hold queue: read it this often, whatever the interval, so
+# that a held request starts the first replica within seconds.
+ZERO_POLL_SECONDS = 5.0
+HELD = "tideserve_router_queue_requests"
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,8 @@ class DeploymentLoop:
             now, samples, desired_replicas=spec["replicas"],
             pending_replicas=source.pending_count(pods, now, self.policy.startup_s),
             max_num_seqs=current["maxNumSeqs"], max_num_batched_tokens=current["maxNumBatchedTokens"],
-            replica_startup_s=source.newest_startup_s(pods, self.memory.last_tick))
+            replica_startup_s=source.newest_startup_s(pods, self.memory.last_tick),
+            held_requests=await self._held_requests(spec))
         self.memory.last_tick = now
         decision = self.policy.decide(obs)
         self.ticks += 1
@@ -289,7 +294,21 @@ class DeploymentLoop:
                                        len([p for p in ready if p["metadata"]["name"] in collected.errors]),
                                        self.config, llmd.get("status", {}).get("conditions", []))
         await self.save(llmd)
-        return interval
+        return min(interval, ZERO_POLL_SECONDS) if decision.replicas == 0 else interval
+
+    async def _held_requests(self, spec: dict[str, Any]) -> float:
+        """Requests the router pods hold for lack of a ready worker (read from each ready router pod directly,
+        also when worker metrics come from Prometheus: this one must not wait for a scrape)."""
+        if not manifests.router_enabled(spec):
+            return 0.0
+        selector = ",".join(f"{k}={v}" for k, v in manifests.router_selector_labels(self.name).items())
+        pods = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods", selector)
+        ready = [p for p in pods if source.is_ready(p) and not source.is_terminating(p)]
+        if not ready:
+            return 0.0
+        collected = await source.scrape_pods(await self.autoscaler.http(), ready,
+                                             self.autoscaler.options.scrape_timeout_s)
+        return sum(snapshot.value(HELD) or 0.0 for snapshot in collected.snapshots.values())
 
     async def _owned_pods(self) -> list[dict[str, Any]]:
         """The worker pods, as far as the Deployment's own ReplicaSets vouch for them (see source.owned_pods)."""

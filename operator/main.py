@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness-endpoint", default=DEFAULT_LIVENESS, help="health endpoint URL to serve ('' to disable)")
     parser.add_argument("--worker-image", default=defaults.tideserve_image, help="image for engine.kind tideserve")
     parser.add_argument("--vllm-image", default=defaults.vllm_image, help="image for engine.kind vllm")
+    parser.add_argument("--router-service-account", default=defaults.router_service_account,
+                        help="the ServiceAccount router pods run as (the chart creates it with EndpointSlice read access)")
     parser.add_argument("--s3-download-image", default=defaults.s3_download_image,
                         help="image of the init container that downloads s3:// models (entrypoint: aws)")
     autoscaler = parser.add_argument_group("autoscaler (LLMDeployments with spec.autoscaling.mode advisory or active)")
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig(tideserve_image=args.worker_image, vllm_image=args.vllm_image,
-                            s3_download_image=args.s3_download_image)
+                            s3_download_image=args.s3_download_image,
+                            router_service_account=args.router_service_account)
     identity = operator_identity()
     peering = None if args.peering is None else PeeringSettings(args.peering, identity, args.priority,
                                                                  clusterwide=not args.namespaces)

@@ -69,11 +69,12 @@ def render(values: list[str] | tuple[str, ...]) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def rules_by_kind(docs: list[dict], kind: str) -> dict[str, set[tuple[str, str]]]:
-    """(group/resource, verb) pairs of each Role or ClusterRole, by namespace ("" for cluster roles)."""
+def rules_by_kind(docs: list[dict], kind: str, router: bool = False) -> dict[str, set[tuple[str, str]]]:
+    """(group/resource, verb) pairs of each Role or ClusterRole, by namespace ("" for cluster roles): the
+    operator's, or with `router` the router pods' (the roles named *-router)."""
     found = {}
     for doc in docs:
-        if doc["kind"] == kind:
+        if doc["kind"] == kind and doc["metadata"]["name"].endswith("-router") == router:
             key = doc["metadata"].get("namespace", "")
             found[key] = {(f"{group or 'core'}/{resource}", verb) for rule in doc["rules"]
                           for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}

@@ -134,8 +134,8 @@ class FakePods:
         await aiohttp.web.TCPSite(self.runner, "127.0.0.1", port).start()
         return f"http://127.0.0.1:{port}"
 
-    async def add(self, name: str, **kwargs) -> FakePod:
-        pod = FakePod(name, **kwargs)
+    async def add(self, name: str, kind: type[FakePod] = FakePod, **kwargs) -> FakePod:
+        pod = kind(name, **kwargs)
         await aiohttp.web.TCPSite(self.runner, "127.0.0.1", pod.port).start()
         self.pods[pod.port] = pod
         return pod
@@ -552,3 +552,52 @@ async def test_advisory_only_reports_then_off_removes_the_loop_and_deletion_is_n
     await request(api, "DELETE", f"{BASE}/{NAME}", content_type="application/json")
     assert api.get(*LLMD, NS, NAME) is None and api.get(*CONFIGMAP, NS, "chat-autoscaler-state") is None
     await eventually(lambda: loop.task.done())
+
+
+class FakeRouter(FakePod):
+    """A router pod's /metrics: the real tideserve_router_* series, with `held` requests in its hold queue."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        from tideserve.router.server import RouterMetrics
+
+        self.router_metrics = RouterMetrics()
+        self.held = 0
+
+    def scrape(self) -> bytes:
+        self.router_metrics.held.set(self.held)
+        return generate_latest(self.router_metrics.registry)
+
+
+async def add_router_pod(api, name: str, pod: FakeRouter) -> None:
+    """A ready router pod as its Deployment's controllers would leave it (labels of the operator's template)."""
+    from tideserve.operator.manifests import router_labels
+
+    await request(api, "POST", PODS, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": router_labels(NAME),
+                     "annotations": {"prometheus.io/port": str(pod.port), "prometheus.io/path": "/metrics"}},
+        "spec": {"containers": [{"name": "router", "image": "tideserve-worker:test"}]}}, content_type="application/json")
+    await request(api, "PATCH", f"{PODS}/{name}/status", {"status": {
+        "phase": "Running", "podIP": "127.0.0.1", "startTime": now_iso(-60),
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now_iso()}]}})
+
+
+async def test_requests_held_by_the_router_start_the_first_replica_and_idle_returns_to_zero(api, operator, fake_pods):
+    await create(api, llmdeployment(replicas=0, minReplicas=0, scaleToZeroAfterSeconds=3))
+    router = await fake_pods.add("chat-router-0", kind=FakeRouter)
+    await add_router_pod(api, "chat-router-0", router)
+    await asyncio.sleep(2)
+    assert api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 0  # nothing held: it stays at zero
+    router.held = 3
+    await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 1, timeout=15)
+    assert status(api)["autoscaling"]["lastDecision"]["reason"] == "scale from zero 0->1: 3 request(s) held by the router"
+    # The replica serves the held requests (they finish), then no request comes: back to zero.
+    worker = await fake_pods.add("chat-a")
+    await add_pod(api, "chat-a", worker)
+    router.held, worker.load = 0, 3
+    await eventually(lambda: worker.scrapes >= 2, timeout=15)
+    worker.load = 0
+    await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 0, timeout=20)
+    assert status(api)["autoscaling"]["lastDecision"]["reason"].startswith("scale to zero 1->0: no request for")
+    assert router.scrapes >= 2  # read directly from the router pod

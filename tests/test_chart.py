@@ -65,8 +65,8 @@ WORKLOAD = {
     ("tideserve.io/llmdeployments", v) for v in ("get", "list", "watch", "patch")} | {
     ("tideserve.io/llmdeployments/status", "patch"), ("tideserve.io/llmdeployments/finalizers", "update"),
     ("tideserve.io/llmdeployments/scale", "patch")} | {
-    ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch")} | {("apps/replicasets", "list")} | {
-    ("core/services", v) for v in ("get", "list", "watch", "create", "patch")} | {
+    ("apps/deployments", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {("apps/replicasets", "list")} | {
+    ("core/services", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
     ("policy/poddisruptionbudgets", v) for v in ("get", "list", "watch", "create", "patch", "delete")} | {
     ("core/pods", v) for v in ("list", "watch", "patch")} | {
     ("core/configmaps", v) for v in ("get", "create", "patch")} | {
@@ -188,6 +188,18 @@ def test_the_documented_rbac_table_is_what_the_chart_renders():
     assert rules_by_kind(peered, "Role")["llm"] == workload | rows["peering, namespaced installs"]
     wide = render(["--set", "clusterWide=true", "--set", "replicaCount=2"])
     assert rules_by_kind(wide, "ClusterRole") == {"": cluster | workload | rows["peering, clusterWide"]}
+    # The router's ServiceAccount reads EndpointSlices and nothing else, wherever LLMDeployments run.
+    router = rows["router"]
+    assert rules_by_kind(default, "Role", router=True) == {"tideserve": router}
+    assert rules_by_kind(peered, "Role", router=True) == {"llm": router, "team-a": router}
+    assert rules_by_kind(wide, "Role", router=True) == {"tideserve": router}
+    listed = render(["--set", "clusterWide=true", "--set", "router.namespaces={llm,ml}"])
+    assert rules_by_kind(listed, "Role", router=True) == {"llm": router, "ml": router}
+    accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in listed if d["kind"] == "ServiceAccount"}
+    assert {("llm", "tideserve-router"), ("ml", "tideserve-router")} <= accounts
+    bindings = [d for d in listed if d["kind"] == "RoleBinding" and d["metadata"]["name"].endswith("-router")]
+    assert {(b["metadata"]["namespace"], b["subjects"][0]["name"], b["subjects"][0]["namespace"]) for b in bindings} == {
+        ("llm", "tideserve-router", "llm"), ("ml", "tideserve-router", "ml")}
 
 
 # --- monitoring: Prometheus Operator objects and the Grafana dashboard ---------------------------------------

@@ -88,9 +88,9 @@ async def test_apply_creates_an_owned_deployment_and_service(api, operator):
     assert worker["livenessProbe"]["httpGet"]["path"] == "/health"
     assert worker["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}  # gpus: 0 in this example
     assert pod["securityContext"]["runAsNonRoot"] and worker["securityContext"]["readOnlyRootFilesystem"]
-    assert pod["terminationGracePeriodSeconds"] > 30  # longer than the default 30 s drain
+    assert pod["terminationGracePeriodSeconds"] > 120  # longer than the default 120 s drain
     assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
-    assert svc["spec"]["selector"] == {"tideserve.io/llmdeployment": "smollm2"}
+    assert svc["spec"]["selector"] == {"tideserve.io/router": "smollm2"}  # the router in front (test_router_kmock.py)
     assert api.get(*PDB, NS, "smollm2") is None  # one replica: no budget
 
     status = llmd["status"]
@@ -101,7 +101,9 @@ async def test_apply_creates_an_owned_deployment_and_service(api, operator):
     assert condition(llmd, "Ready")["status"] == "False"
     # Events are posted by kopf's poster task, shortly after the reconcile.
     await eventually(lambda: {e["message"] for e in events(api, "Created")} == {
-        "Secret smollm2-admin created", "Deployment smollm2 created", "Service smollm2 created"})
+        "Secret smollm2-admin created", "Deployment smollm2 created", "Service smollm2 created",
+        "Service smollm2-workers created", "Deployment smollm2-router created",
+        "PodDisruptionBudget smollm2-router created"})
 
 
 async def test_workers_admin_port_takes_a_token_derived_from_the_admin_key(fast_key_checks, api, operator):
@@ -189,7 +191,7 @@ async def test_writes_use_the_right_content_types_and_never_touch_the_spec(api, 
 
 async def test_a_reconcile_with_nothing_to_change_writes_nothing(api, operator, tmp_path):
     await apply_minimal(api, operator)
-    await eventually(lambda: len(events(api, "Created")) == 3)  # kopf posts events after the reconcile
+    await eventually(lambda: len(events(api, "Created")) == 6)  # kopf posts events after the reconcile
     dep = api.get(*DEPLOYMENT, NS, "smollm2")
     before_writes, before_reconciles = len(api.writes()), operator.memo.stats["reconciles"]
     # A change the operator does not manage (another controller's annotation) triggers a full reconcile.
@@ -244,7 +246,8 @@ async def test_a_deleted_deployment_comes_back(api, operator):
     await request(api, "DELETE", f"/apis/apps/v1/namespaces/{NS}/deployments/smollm2", content_type="application/json")
     recreated = await eventually(lambda: (d := api.get(*DEPLOYMENT, NS, "smollm2")) and d["metadata"]["uid"] != old_uid and d)
     assert recreated["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["--model", "smollm2"]
-    await eventually(lambda: len(events(api, "Created")) == 4)  # Secret, Deployment, Service, Deployment again
+    # Secret, Deployment, Service, the router's Deployment, PDB and headless Service, the Deployment again
+    await eventually(lambda: len(events(api, "Created")) == 7)
     # The new Deployment has no record of the Secret: the existing one is found (create: 409) and applied, the
     # same Secret with the same token, which the new Deployment records.
     secret = api.get(*SECRET, NS, "smollm2-admin")
@@ -429,7 +432,7 @@ async def test_a_mutating_webhook_on_deployments_converges_in_one_write_per_chan
         return len([w for w in operator_writes(api) if w.url.path == deployment_path])
 
     await apply_minimal(api, operator)
-    await eventually(lambda: len(events(api, "Created")) == 3)
+    await eventually(lambda: len(events(api, "Created")) == 6)
     assert deployment_writes() == 1
     await request(api, "PATCH", f"{BASE}/smollm2", {"spec": {"engine": {"maxNumSeqs": 32}}})
     await eventually(lambda: deployment_writes() == 2)

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from tideserve.local.replicas import free_port
-from tideserve.router.balancer import Balancer, PrefixIndex, WorkerLoad, block_hashes
+from tideserve.router.balancer import Balancer, Choice, PrefixIndex, WorkerLoad, block_hashes
 from tideserve.router.discovery import endpoints_from_slices
 from tideserve.router.server import Endpoint, HoldQueue, Router, routing_key
 
@@ -33,7 +33,7 @@ def test_block_hashes_chain_so_a_shared_prefix_shares_its_leading_hashes_and_not
     assert block_hashes("a" * 64) != block_hashes([ord("a")] * 16)  # text and token chains never collide
 
 
-def test_prefix_index_remembers_per_worker_and_evicts_the_least_recently_used_beyond_its_capacity():
+def test_prefix_index_remembers_per_worker_and_evicts_the_least_recently_used_tail_first_beyond_its_capacity():
     index = PrefixIndex(default_capacity=4)
     first, second = block_hashes(list(range(64))), block_hashes(list(range(100, 164)))
     index.record("w1", first)
@@ -41,7 +41,7 @@ def test_prefix_index_remembers_per_worker_and_evicts_the_least_recently_used_be
     index.record("w1", second)  # four more blocks: the first prompt's are evicted
     assert index.size("w1") == 4 and index.matched("w1", first) == 0 and index.matched("w1", second) == 4
     index.set_capacity("w1", 2)
-    assert index.matched("w1", second) == 0 and index.size("w1") == 2  # the prefix's head went first
+    assert index.matched("w1", second) == 2 and index.size("w1") == 2  # the chain's tail went first, its head stays
     index.forget("w1")
     assert index.size("w1") == 0
 
@@ -73,7 +73,10 @@ def test_prefix_policy_sticks_a_hot_prefix_to_one_worker_until_its_load_bound_sp
 
 
 def test_reported_load_counts_other_routers_requests_and_round_robin_and_least_outstanding_stay_selectable():
-    busy, idle = WorkerLoad("busy", reported_requests=9.0), WorkerLoad("idle", in_flight=1)
+    busy, idle = WorkerLoad("busy", in_flight=1), WorkerLoad("idle", in_flight=1)
+    busy.reported(9.0)  # eight more than this router sent: another router's
+    idle.reported(0.0)  # finished since: never below what is in flight now
+    assert (busy.load, idle.load) == (9.0, 1.0)
     assert Balancer("least-outstanding").choose([busy, idle], []).worker == "idle"
     rr = Balancer("round-robin")
     assert [rr.choose([busy, idle], []).worker for _ in range(4)] == ["busy", "idle", "busy", "idle"]
@@ -86,8 +89,8 @@ def test_reported_load_counts_other_routers_requests_and_round_robin_and_least_o
 
 def test_routing_key_reads_completions_and_chat_bodies_and_ignores_the_rest():
     tokens = list(range(40))
-    hashes, estimate = routing_key("/v1/completions", json.dumps({"prompt": tokens, "max_tokens": 8}).encode())
-    assert hashes == block_hashes(tokens) and estimate == 48
+    hashes, length = routing_key("/v1/completions", json.dumps({"prompt": tokens, "max_tokens": 8}).encode())
+    assert hashes == block_hashes(tokens) and length == 40
     chat = {"messages": [{"role": "system", "content": "s" * 200}, {"role": "user", "content": "hi"}]}
     hashes, _ = routing_key("/v1/chat/completions", json.dumps(chat).encode())
     other = {"messages": [{"role": "system", "content": "s" * 200}, {"role": "user", "content": "bye"}]}
@@ -245,10 +248,26 @@ def test_worker_metrics_feed_the_load_and_bound_the_prefix_index_by_the_workers_
             await router.refresh_loads()
             await router.aclose()
         load = router.loads["w"]
-        assert load.reported_requests == 2.0 and load.kv_usage == 0.5
+        assert load.load == 2.0 and load.kv_usage == 0.5
         router.balancer.index.record("w", block_hashes(list(range(16 * 10))))
         assert router.balancer.index.size("w") == 4  # 64 tokens of KV / 16-token blocks
         router.update([])
         assert router.loads == {} and router.balancer.index.size("w") == 0
 
     asyncio.run(scenario())
+
+
+def test_prefix_policy_weighs_a_hit_by_the_prefill_it_saves_against_the_prefill_queued_ahead():
+    prompt = list(range(96))  # six blocks; worker a holds the first four
+
+    def route(queued_on_a: int) -> tuple[Choice, int]:
+        balancer = Balancer("prefix")
+        balancer.index.record("a", block_hashes(prompt[:64]))
+        a, b = WorkerLoad("a", in_flight=1, prefill_tokens=queued_on_a), WorkerLoad("b", in_flight=1)
+        choice = balancer.choose([a, b], block_hashes(prompt), len(prompt))
+        return choice, balancer.uncached_tokens(choice, len(prompt))
+
+    assert route(0) == (Choice("a", "prefix", 4), 32)
+    # A long prompt queued on a outweighs the 64 tokens the hit saves: b, though it holds nothing.
+    assert route(400) == (Choice("b", "prefix-spill", 0), 96)
+    assert route(40)[0].worker == "a"  # 40 + 32 < 96: the hit is worth the wait

@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "serve": ("tideserve.worker.server", "Run a worker: the continuous-batching engine behind an OpenAI-compatible API."),
     "bench": ("tideserve.bench.loadgen", "Load-test any OpenAI-compatible endpoint (Poisson rate or trace replay)."),
+    "bench-routing": ("tideserve.bench.routing", "Compare the router's policies on the Mooncake shared-prefix trace, two local replicas."),
     "models": ("tideserve.worker.builtin_models", "Write the built-in models (tiny, smollm2) to local directories."),
     "up": ("tideserve.local.up", "Run an LLMDeployment YAML on this machine: worker processes, a proxy, the autoscaler."),
     "demo": ("tideserve.local.demo", "Run the demo model locally under a compressed real trace, autoscaled live; ends with a PNG."),

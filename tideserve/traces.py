@@ -32,6 +32,9 @@ class TraceRequest:
     arrival_s: float
     input_tokens: int
     output_tokens: int
+    prompt_token_ids: tuple[int, ...] | None = None  # the exact prompt (shared-prefix workloads), else synthesised
+    # Ids of the prompt's leading blocks, equal ids for equal prefixes (Mooncake's hash_ids, 512 tokens each).
+    prefix_blocks: tuple[int, ...] | None = None
 
 
 def resolve_trace(path_or_name: str | Path) -> Path:
@@ -81,8 +84,10 @@ def _load_mooncake(path: Path) -> list[TraceRequest]:
                 continue
             try:
                 row = json.loads(text)
+                blocks = row.get("hash_ids")
                 requests.append(TraceRequest(float(row["timestamp"]) / 1000.0, int(row["input_length"]),
-                                             int(row["output_length"])))
+                                             int(row["output_length"]),
+                                             prefix_blocks=tuple(int(h) for h in blocks) if blocks else None))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{line}: expected a JSON object with {', '.join(MOONCAKE_FIELDS)} "
                                  f"({exc.__class__.__name__}: {exc})") from None

@@ -173,7 +173,8 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
             async with slots:
                 # Prompts are built at send time so a long trace never holds all of them in memory.
-                prompt = make_prompt(request.input_tokens, random.Random(f"{config.seed}-{index}"))
+                prompt = (list(request.prompt_token_ids) if request.prompt_token_ids is not None
+                          else make_prompt(request.input_tokens, random.Random(f"{config.seed}-{index}")))
                 payload = build_payload(config.endpoint, model, prompt, request.output_tokens)
                 record.sent_s = time.perf_counter() - start
                 try:
@@ -246,7 +247,7 @@ def make_prompt(num_tokens: int, rng: random.Random) -> str:
     return " ".join(rng.choices(PROMPT_WORDS, k=num_tokens))
 
 
-def build_payload(endpoint: str, model: str, prompt: str, max_tokens: int) -> dict:
+def build_payload(endpoint: str, model: str, prompt: str | list[int], max_tokens: int) -> dict:
     payload = {
         "model": model,
         "max_tokens": max_tokens,

@@ -9,12 +9,16 @@ conversation history hashes to the same chain on every request. The router remem
 hashes it sent there (an LRU bounded per worker, by default to what the worker's KV cache holds), which
 estimates what that worker has cached without asking it.
 
-Affinity alone would pile a hot prefix onto one worker. Load bounds it the way consistent hashing with bounded
-loads does (Mirrokni, Thorup and Zadimoghaddam, 2018): a worker is a candidate only while its load stays under
-`load_factor` times the mean load (counting the new request); among candidates the longest cached prefix wins,
-ties and misses going to the least-loaded one. A worker's load is the larger of what this router has in flight
-there and what the worker itself reports running and waiting (other router replicas' requests included), and a
-worker whose KV cache is nearly full is no candidate while another is.
+Affinity alone would pile a hot prefix onto one worker, and on a busy worker every request waits longer than
+the prefill a cache hit saves. So the prefix policy scores the time to a first token rather than the match: a
+request waits for the prompt tokens queued for prefill on that worker (routed there, no response byte back yet)
+and then for its own prompt less the prefix the worker holds; the worker with the least of that wins, and a
+cache hit is worth exactly the prefill it saves. Requests in flight bound it, in the spirit of consistent hashing
+with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018): a worker is a candidate only while its load stays
+within a slack of the least-loaded worker's (`load_factor - 1` times the mean load, at least one request), so
+decode batches stay even too. A worker's load is what this router has in flight there plus what the worker
+reported running and waiting beyond that at the last refresh (other router replicas' requests), and a worker
+whose KV cache is nearly full is no candidate while another is.
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Hashable, Sequence
 
 POLICIES = ("prefix", "least-outstanding", "round-robin")
 TOKEN_BLOCK = 16  # the workers' KV block size (worker.config.EngineConfig.block_size)
@@ -57,14 +60,14 @@ class PrefixIndex:
 
     def __init__(self, default_capacity: int = DEFAULT_BLOCKS_PER_WORKER):
         self.default_capacity = default_capacity
-        self._blocks: dict[str, OrderedDict[bytes, None]] = {}
+        self._blocks: dict[str, OrderedDict[Hashable, None]] = {}
         self._capacity: dict[str, int] = {}
 
     def set_capacity(self, worker: str, blocks: int) -> None:
         self._capacity[worker] = max(1, int(blocks))
         self._evict(worker)
 
-    def matched(self, worker: str, hashes: Sequence[bytes]) -> int:
+    def matched(self, worker: str, hashes: Sequence[Hashable]) -> int:
         """How many leading blocks of `hashes` the worker is believed to hold."""
         blocks = self._blocks.get(worker)
         if not blocks:
@@ -76,9 +79,12 @@ class PrefixIndex:
             n += 1
         return n
 
-    def record(self, worker: str, hashes: Sequence[bytes]) -> None:
+    def record(self, worker: str, hashes: Sequence[Hashable]) -> None:
+        """The blocks are now held by the worker. The prompt's tail becomes least recent of them, its head most
+        recent, so eviction takes a chain from its end: a lost head block would void the match of every block
+        after it (the same order vLLM's prefix cache frees blocks in)."""
         blocks = self._blocks.setdefault(worker, OrderedDict())
-        for h in hashes:
+        for h in reversed(hashes):
             blocks[h] = None
             blocks.move_to_end(h)
         self._evict(worker)
@@ -102,13 +108,17 @@ class WorkerLoad:
     """What the router knows of one routable worker's load."""
     name: str
     in_flight: int = 0  # requests this router has open there
-    tokens_in_flight: int = 0  # their prompt + max_tokens, as estimated at routing
-    reported_requests: float = 0.0  # running + waiting, from the worker's metrics (all routers' requests)
+    prefill_tokens: int = 0  # prompt tokens (less cached prefixes) of those not yet past their first token
+    other_requests: float = 0.0  # running + waiting the worker reported beyond this router's own, at the last refresh
     kv_usage: float = 0.0  # from the worker's metrics, 0..1
+
+    def reported(self, running_and_waiting: float) -> None:
+        """The worker's own count of its requests, read from its metrics just now."""
+        self.other_requests = max(0.0, running_and_waiting - self.in_flight)
 
     @property
     def load(self) -> float:
-        return max(float(self.in_flight), self.reported_requests)
+        return self.in_flight + self.other_requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +129,8 @@ class Choice:
 
 
 class Balancer:
-    def __init__(self, policy: str = "prefix", load_factor: float = 1.25, index: PrefixIndex | None = None):
+    def __init__(self, policy: str = "prefix", load_factor: float = 1.25, index: PrefixIndex | None = None,
+                 block_tokens: int = TOKEN_BLOCK):
         if policy not in POLICIES:
             raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         if load_factor < 1.0:
@@ -127,33 +138,46 @@ class Balancer:
         self.policy = policy
         self.load_factor = load_factor
         self.index = index or PrefixIndex()
+        self.block_tokens = block_tokens  # prompt tokens per hashed block (about the same for text blocks)
         self._turn = itertools.count()
 
-    def choose(self, workers: Sequence[WorkerLoad], hashes: Sequence[bytes]) -> Choice | None:
+    def choose(self, workers: Sequence[WorkerLoad], hashes: Sequence[Hashable], prompt_tokens: int = 0) -> Choice | None:
         """The worker for a request whose prompt has these block hashes; None with no worker. Records the
-        prefix as now held by the chosen worker (prefix policy)."""
+        prefix as now held by the chosen worker, under every policy, so that the prefix-hit estimate
+        (Choice.matched_blocks) compares policies."""
         if not workers:
             return None
+        if self.policy == "prefix":
+            return self._prefix_choice(workers, hashes, prompt_tokens)
         if self.policy == "round-robin":
-            return Choice(workers[next(self._turn) % len(workers)].name, "round-robin")
-        if self.policy == "least-outstanding":
-            return Choice(min(workers, key=_least_loaded).name, "least-outstanding")
-        return self._prefix_choice(workers, hashes)
-
-    def _prefix_choice(self, workers: Sequence[WorkerLoad], hashes: Sequence[bytes]) -> Choice:
-        cap = math.ceil(self.load_factor * (sum(w.load for w in workers) + 1) / len(workers))
-        roomy = [w for w in workers if w.kv_usage < KV_FULL] or list(workers)
-        candidates = [w for w in roomy if w.load + 1 <= cap] or roomy
-        matched = {w.name: self.index.matched(w.name, hashes) for w in workers}
-        best = max(candidates, key=lambda w: (matched[w.name], -_least_loaded(w)[0], -_least_loaded(w)[1]))
-        spilled = max(matched.values()) > matched[best.name]  # the worker holding more is over its bound
-        if matched[best.name] == 0:
-            choice = Choice(min(candidates, key=_least_loaded).name, "prefix-spill" if spilled else "least-loaded")
+            name, reason = workers[next(self._turn) % len(workers)].name, "round-robin"
         else:
-            choice = Choice(best.name, "prefix-spill" if spilled else "prefix", matched[best.name])
-        self.index.record(choice.worker, hashes)
+            name, reason = min(workers, key=_least_loaded).name, "least-outstanding"
+        choice = Choice(name, reason, self.index.matched(name, hashes))
+        self.index.record(name, hashes)
         return choice
+
+    def _prefix_choice(self, workers: Sequence[WorkerLoad], hashes: Sequence[Hashable], prompt_tokens: int) -> Choice:
+        roomy = [w for w in workers if w.kv_usage < KV_FULL] or list(workers)
+        least = min(w.load for w in roomy)
+        slack = max(1.0, (self.load_factor - 1.0) * (sum(w.load for w in workers) + 1) / len(workers))
+        candidates = [w for w in roomy if w.load <= least + slack]
+        matched = {w.name: self.index.matched(w.name, hashes) for w in workers}
+
+        def wait(w: WorkerLoad) -> tuple[float, float, str]:  # prefill ahead of and in the first token
+            own = max(0, prompt_tokens - matched[w.name] * self.block_tokens)
+            return (w.prefill_tokens + own, w.load, w.name)
+
+        best = min(candidates, key=wait)
+        most = max(matched.values())
+        reason = ("least-loaded" if most == 0 else "prefix" if matched[best.name] == most else "prefix-spill")
+        self.index.record(best.name, hashes)
+        return Choice(best.name, reason, matched[best.name])
+
+    def uncached_tokens(self, choice: Choice, prompt_tokens: int) -> int:
+        """The prompt tokens the chosen worker is expected to prefill (its believed prefix left out)."""
+        return max(0, prompt_tokens - choice.matched_blocks * self.block_tokens)
 
 
 def _least_loaded(w: WorkerLoad) -> tuple[float, int, str]:
-    return (w.load, w.tokens_in_flight, w.name)
+    return (w.load, w.prefill_tokens, w.name)

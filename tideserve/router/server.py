@@ -96,12 +96,12 @@ class RoutedRequest:
     headers: list[tuple[str, str]]
     body: bytes
     hashes: list[bytes]
-    tokens: int  # prompt + max_tokens estimate
+    prompt_tokens: int  # counted for token-id prompts, estimated from characters for text
 
 
 def routing_key(path: str, body: bytes) -> tuple[list[bytes], int]:
-    """Block hashes of the prompt and a token estimate, from an OpenAI completions or chat body; ([], 0) for
-    anything else (the worker answers malformed bodies)."""
+    """Block hashes of the prompt and its length in tokens, from an OpenAI completions or chat body; ([], 0)
+    for anything else (the worker answers malformed bodies)."""
     if not path.startswith(("/v1/completions", "/v1/chat/completions")):
         return [], 0
     try:
@@ -122,8 +122,7 @@ def routing_key(path: str, body: bytes) -> tuple[list[bytes], int]:
         tokens = len(prompt) // CHARS_PER_TOKEN
     else:
         return [], 0
-    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or 16
-    return block_hashes(prompt), tokens + (max_tokens if isinstance(max_tokens, int) else 16)
+    return block_hashes(prompt), tokens
 
 
 def _content_text(content: Any) -> str:
@@ -179,7 +178,7 @@ class Router:
             load = self.loads.get(endpoint.name)
             if load is None:
                 return
-            load.reported_requests = (metrics.value(RUNNING) or 0.0) + (metrics.value(WAITING) or 0.0)
+            load.reported((metrics.value(RUNNING) or 0.0) + (metrics.value(WAITING) or 0.0))
             load.kv_usage = metrics.value(*KV_USAGE) or 0.0
             capacity = metrics.value(KV_CAPACITY)
             if capacity:
@@ -226,10 +225,10 @@ class Router:
                 break
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k.decode("latin-1").lower() not in HOP_BY_HOP]
-        hashes, tokens = routing_key(path, bytes(body))
+        hashes, prompt_tokens = routing_key(path, bytes(body))
         full_path = path + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
         self.metrics.requests.inc()
-        await self._route(RoutedRequest(scope["method"], full_path, headers, bytes(body), hashes, tokens),
+        await self._route(RoutedRequest(scope["method"], full_path, headers, bytes(body), hashes, prompt_tokens),
                           receive, send)
 
     async def _route(self, request: RoutedRequest, receive, send) -> None:
@@ -254,14 +253,14 @@ class Router:
             if not held_observed:
                 self.metrics.hold_seconds.observe(time.monotonic() - arrived)
                 held_observed = True
-            choice = self.balancer.choose(workers, request.hashes)
+            choice = self.balancer.choose(workers, request.hashes, request.prompt_tokens)
             self.metrics.decisions.labels(choice.reason).inc()
             self.metrics.prefix_blocks.inc(len(request.hashes))
             self.metrics.prefix_matched_blocks.inc(choice.matched_blocks)
             load, endpoint = self.loads[choice.worker], self.endpoints[choice.worker]
             attempts += 1
+            prefill = _Prefill(load, self.balancer.uncached_tokens(choice, request.prompt_tokens))
             load.in_flight += 1
-            load.tokens_in_flight += request.tokens
             self.metrics.in_flight.inc()
             try:
                 upstream = self.client.build_request(request.method, endpoint.url + request.path,
@@ -280,11 +279,11 @@ class Router:
                     tried.add(choice.worker)
                     self._count_retry()
                     continue
-                await _relay(response, receive, send)
+                await _relay(response, receive, send, prefill.done)
                 return
             finally:
+                prefill.done()
                 load.in_flight -= 1
-                load.tokens_in_flight -= request.tokens
                 self.metrics.in_flight.dec()
 
     def _count_retry(self) -> None:
@@ -327,13 +326,29 @@ class Router:
         await self.client.aclose()
 
 
-async def _relay(response: httpx.Response, receive, send) -> None:
+class _Prefill:
+    """A routed request's share of its worker's queued prefill, counted until the first response chunk that
+    carries a token (a stream's first token; a chat stream's role-only opening event does not count) or its end."""
+
+    def __init__(self, load: WorkerLoad, tokens: int):
+        self.load, self.tokens = load, tokens
+        load.prefill_tokens += tokens
+
+    def done(self, chunk: bytes = b"") -> None:
+        if chunk.count(b"data:") == 1 and b'"role"' in chunk:
+            return
+        self.load.prefill_tokens -= self.tokens
+        self.tokens = 0
+
+
+async def _relay(response: httpx.Response, receive, send, on_chunk=lambda chunk: None) -> None:
     async def pump():
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": [(k.encode("latin-1"), v.encode("latin-1"))
                                     for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]})
             async for chunk in response.aiter_raw():
+                on_chunk(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         except httpx.HTTPError:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tideserve.sim import cli
+
 ONLINE = ("hpa", "llm-d", "llm-d-goal", "dynamo", "kubeai")
 FIXED = ("static-peak", "static-mean")
 SLACK = 0.005  # a* is 0.5 pp below the best baseline's attainment (or the goal)
@@ -79,7 +81,7 @@ SCENARIOS = (
 )
 
 
-def workload(scenario: Scenario, shared: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def workload(scenario: Scenario, shared: Path, seed: int = 0) -> cli.Workload:
     """(arrivals, inputs, outputs) of a scenario. Raises FileNotFoundError when its data is not here."""
     from tideserve import traces
 
@@ -104,13 +106,12 @@ def workload(scenario: Scenario, shared: Path, seed: int = 0) -> tuple[np.ndarra
             raise FileNotFoundError(f"no Mooncake trace at {path}")
         requests = traces.load_trace(path)
     elif kind == "reasoning":
-        return _reasoning(scenario.rate, 3600.0, seed)
+        return cli.Workload(*_reasoning(scenario.rate, 3600.0, seed))
     elif kind == "ramp":
-        return _ramp(scenario.rate, seed)
+        return cli.Workload(*_ramp(scenario.rate, seed))
     else:
         raise ValueError(f"unknown workload {kind!r}")
-    return (np.array([r.arrival_s for r in requests]), np.array([r.input_tokens for r in requests]),
-            np.array([r.output_tokens for r in requests]))
+    return cli.Workload.of(requests)
 
 
 def _reasoning(rate: float, duration_s: float, seed: int):
@@ -176,7 +177,6 @@ def score(policies: list[dict], goal: float) -> dict:
 
 
 def run_battery(args) -> int:
-    from tideserve.sim import cli
     from tideserve.sim.report import write_json
 
     shared = Path(args.shared) if args.shared else Path.cwd().parent / "shared"

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -116,7 +117,21 @@ def simulated_deployment(args) -> dict:
     return llmd
 
 
-def _load_workload(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class Workload(NamedTuple):
+    """One trace as arrays, and the requests' prefix block ids where the trace has them (Mooncake)."""
+    arrivals: np.ndarray
+    inputs: np.ndarray
+    outputs: np.ndarray
+    prefixes: list[tuple[int, ...] | None] | None = None
+
+    @classmethod
+    def of(cls, requests) -> "Workload":
+        prefixes = [r.prefix_blocks for r in requests]
+        return cls(np.array([r.arrival_s for r in requests]), np.array([r.input_tokens for r in requests]),
+                   np.array([r.output_tokens for r in requests]), prefixes if any(prefixes) else None)
+
+
+def _load_workload(args) -> Workload:
     from tideserve.traces import load_trace, scale_rate, scale_time
 
     requests = load_trace(args.trace)
@@ -124,8 +139,7 @@ def _load_workload(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         requests = scale_rate(requests, args.rate_scale, seed=args.seed)
     if args.time_scale != 1.0:
         requests = scale_time(requests, args.time_scale)
-    return (np.array([r.arrival_s for r in requests]), np.array([r.input_tokens for r in requests]),
-            np.array([r.output_tokens for r in requests]))
+    return Workload.of(requests)
 
 
 def _peak_and_mean(arrivals, inputs, outputs, window_s: float = 300.0):
@@ -144,7 +158,7 @@ def build_policy(name: str, args, params, workload):
     from tideserve.sim import baselines as b
 
     ttft_s, tpot_s = args.ttft_ms / 1000, args.tpot_ms / 1000
-    _, mean_rate, mean_mix = _peak_and_mean(*workload)
+    _, mean_rate, mean_mix = _peak_and_mean(*workload[:3])
     if name == "tideserve":
         # The shipped mapping and bootstrap, as in a cluster: never the simulated engine's own coefficients.
         config = policy_config(args._deployment["spec"])
@@ -185,7 +199,7 @@ def replica_capacity(args, params, workload, seconds: float = 600.0) -> float:
     from tideserve.sim.report import summarize
     from tideserve.sim.simulator import SimConfig, Simulation
 
-    _, inputs, outputs = workload
+    _, inputs, outputs, prefixes = workload
     rng = np.random.default_rng(args.seed)
 
     def attainment(rate: float) -> float:
@@ -194,7 +208,8 @@ def replica_capacity(args, params, workload, seconds: float = 600.0) -> float:
         pick = rng.integers(0, len(inputs), n)
         result = Simulation(arrivals, inputs[pick], outputs[pick], StaticPolicy("static", 1), SimConfig(
             params=params, initial_replicas=1, initial_max_num_seqs=args.max_num_seqs,
-            initial_max_num_batched_tokens=args._max_num_batched_tokens)).run()
+            initial_max_num_batched_tokens=args._max_num_batched_tokens),
+            prefixes=[prefixes[i] for i in pick] if prefixes is not None else None).run()
         return summarize(result, args.ttft_ms / 1000, args.tpot_ms / 1000)["request_attainment"]
 
     goal = min(args.attainment, attainment(0.2) - 0.002)
@@ -216,10 +231,11 @@ def oracle_gpu_hours(arrivals: np.ndarray, capacity: float, window_s: float = 60
 def _simulate(policy, args, params, workload, initial: int, max_num_batched_tokens: int | None = None):
     from tideserve.sim.simulator import SimConfig, Simulation
 
-    return Simulation(*workload, policy, SimConfig(
+    arrivals, inputs, outputs, prefixes = workload
+    return Simulation(arrivals, inputs, outputs, policy, SimConfig(
         params=params, startup_s=args.startup_s, initial_replicas=initial, initial_max_num_seqs=args.max_num_seqs,
         initial_max_num_batched_tokens=max_num_batched_tokens or args._max_num_batched_tokens,
-        gpu_quota=args.gpu_quota)).run()
+        gpu_quota=args.gpu_quota), prefixes=prefixes).run()
 
 
 def _static_peak_search(args, params, workload):
@@ -230,7 +246,7 @@ def _static_peak_search(args, params, workload):
     from tideserve.sim.baselines import StaticPolicy
     from tideserve.sim.report import summarize
 
-    peak_rate, _, _ = _peak_and_mean(*workload)
+    peak_rate, _, _ = _peak_and_mean(*workload[:3])
     runs: dict[int, tuple] = {}
 
     def run(n: int):

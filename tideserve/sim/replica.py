@@ -8,6 +8,11 @@ the end of that step. The step time is
     step = base + per_seq * B + per_context_token * context + per_prefill_token * P
 with B decoding sequences, their total context and P prompt tokens in the current step; it changes only at
 events, so between events everything moves linearly.
+
+With a prefix cache (requests that carry prefix block ids), a replica remembers the blocks of every prompt it
+has prefilled, least recently used evicted beyond what its KV cache holds, and a request admitted later prefills
+only what follows its longest cached prefix (as the workers' prefix caching does; blocks of a prompt still being
+prefilled are not yet there to share).
 """
 
 from __future__ import annotations
@@ -17,29 +22,34 @@ import math
 from collections import deque
 
 from tideserve.autoscaler.perf_model import StepTimeParams
+from tideserve.router.balancer import PrefixIndex
 
 INF = math.inf
 
 
 class SimRequest:
-    __slots__ = ("idx", "arrival", "input_tokens", "output_tokens", "left", "admitted", "first_token", "finished")
+    __slots__ = ("idx", "arrival", "input_tokens", "output_tokens", "left", "admitted", "first_token", "finished",
+                 "blocks", "cached_tokens")
 
-    def __init__(self, idx: int, arrival: float, input_tokens: int, output_tokens: int):
+    def __init__(self, idx: int, arrival: float, input_tokens: int, output_tokens: int,
+                 blocks: tuple | None = None):
         self.idx, self.arrival = idx, arrival
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
         self.left = input_tokens  # prompt tokens still to prefill
         self.admitted = self.first_token = self.finished = -1.0
+        self.blocks = blocks  # the prompt's prefix block ids, for the prefix cache
+        self.cached_tokens = 0
 
 
 class Replica:
     __slots__ = (
         "index", "name", "params", "max_num_seqs", "max_num_batched_tokens", "created", "ready_at", "draining", "v", "t", "step", "decoding", "context",
         "prefill", "backlog", "pstep_tokens", "pstep_end", "waiting", "outstanding", "version", "steps", "step_time_sum",
-        "step_seq_sum", "step_token_sum",
+        "step_seq_sum", "step_token_sum", "cache", "block_tokens",
     )
 
     def __init__(self, index: int, params: StepTimeParams, max_num_seqs: int, max_num_batched_tokens: int,
-                 created: float, ready_at: float):
+                 created: float, ready_at: float, block_tokens: int = 0):
         # The index orders simultaneous events deterministically (an id() would differ from run to run).
         self.index, self.name, self.params = index, f"r{index}", params
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
@@ -58,10 +68,17 @@ class Replica:
         self.version = 0
         self.steps = self.step_time_sum = self.step_seq_sum = self.step_token_sum = 0.0
         self.step = params.base_s
+        self.block_tokens = block_tokens  # 0: no prefix cache
+        self.cache = PrefixIndex(max(1, int(params.kv_capacity_tokens // block_tokens))) if block_tokens else None
 
     @property
     def running(self) -> int:
         return len(self.decoding) + len(self.prefill)
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens ahead of a new request's first token: the prefill backlog and the waiting prompts."""
+        return self.backlog + sum(r.input_tokens for r in self.waiting)
 
     @property
     def kv_usage(self) -> float:
@@ -108,8 +125,12 @@ class Replica:
                 break  # admission by free KV: wait for memory
             self.waiting.popleft()
             r.admitted = now
+            if self.cache is not None and r.blocks:
+                # The last prompt token is always computed (it yields the first token), as in the workers.
+                r.cached_tokens = min(self.cache.matched(self.name, r.blocks) * self.block_tokens, r.input_tokens - 1)
+                r.left = r.input_tokens - r.cached_tokens
             self.prefill.append(r)
-            self.backlog += r.input_tokens
+            self.backlog += r.left
         if self.prefill and self.pstep_end == INF:
             self._start_prefill_step(now)
         else:
@@ -135,6 +156,8 @@ class Replica:
                     break
                 self.prefill.popleft()
                 r.first_token = now
+                if self.cache is not None and r.blocks:
+                    self.cache.record(self.name, r.blocks)
                 if r.output_tokens <= 1:
                     r.finished = now
                     finished.append(r)

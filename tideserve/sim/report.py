@@ -39,6 +39,7 @@ def summarize(result: SimResult, ttft_s: float, tpot_s: float, percentile: float
         "ttft_p50_s": _pct(result.ttft, 50), "ttft_p99_s": _pct(result.ttft, 99),
         "tpot_p50_s": _pct(result.tpot, 50), "tpot_p99_s": _pct(result.tpot, 99),
         "decisions_by_action": result.reasons,
+        "prefix_cache_hit_rate": result.prefix_cache_hit_rate,
     }
 
 

@@ -17,6 +17,7 @@ from tideserve.autoscaler.observation import Decision, Observation, ReplicaState
 from tideserve.autoscaler.perf_model import H100_8B, StepTimeParams
 from tideserve.autoscaler.slo import Histogram
 from tideserve.buckets import TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+from tideserve.router.balancer import Balancer, WorkerLoad
 from tideserve.sim.replica import INF, Replica, SimRequest
 
 TTFT_EDGES = tuple(TTFT_BUCKETS) + (math.inf,)
@@ -34,6 +35,10 @@ class SimConfig:
     gpus_per_replica: int = 1
     gpu_quota: int | None = None  # replicas beyond it stay Pending (no GPU free)
     interval_s: float = 15.0  # control interval (a policy may bring its own)
+    # The router's policy (tideserve.router.balancer): None picks prefix affinity for workloads with prefix blocks,
+    # least-outstanding otherwise. Prefix blocks are block_tokens long (Mooncake's hash_ids: 512).
+    router: str | None = None
+    prefix_block_tokens: int = 512
 
 
 _by_outstanding = operator.attrgetter("outstanding")
@@ -52,13 +57,19 @@ class SimResult:
     decisions: int  # replica changes applied
     batch_limit_changes: int
     reasons: dict = field(default_factory=dict)
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens served from a replica's prefix cache, over all prompt tokens
 
 
 class Simulation:
-    def __init__(self, arrivals: np.ndarray, inputs: np.ndarray, outputs: np.ndarray, policy, config: SimConfig):
-        if not (len(arrivals) == len(inputs) == len(outputs)):
-            raise ValueError("arrival, input and output arrays differ in length")
+    def __init__(self, arrivals: np.ndarray, inputs: np.ndarray, outputs: np.ndarray, policy, config: SimConfig,
+                 prefixes: list[tuple | None] | None = None):
+        if not (len(arrivals) == len(inputs) == len(outputs)) or (prefixes is not None and len(prefixes) != len(arrivals)):
+            raise ValueError("arrival, input, output and prefix arrays differ in length")
         self.arrivals, self.inputs, self.outputs = arrivals, inputs, outputs
+        self.prefixes = prefixes if prefixes is not None and any(prefixes) else None
+        self.block_tokens = config.prefix_block_tokens if self.prefixes is not None else 0
+        self.balancer = Balancer(config.router or ("prefix" if self.prefixes is not None else "least-outstanding"),
+                                 block_tokens=config.prefix_block_tokens)
         self.policy = policy
         self.config = config
         self.interval_s = getattr(policy, "interval_s", None) or config.interval_s
@@ -86,7 +97,9 @@ class Simulation:
     def _new_replica(self, now: float, ready_now: bool = False) -> None:
         self._names += 1
         r = Replica(self._names, self.params, self.max_num_seqs, self.max_num_batched_tokens, now,
-                    now if ready_now else INF)
+                    now if ready_now else INF, self.block_tokens)
+        if r.cache is not None:  # the router learns a worker's KV capacity from its metrics
+            self.balancer.index.set_capacity(r.name, r.cache.default_capacity)
         if self.config.gpu_quota is not None and self._gpus_held() >= self.config.gpu_quota:
             self.pending.append(r)
             return
@@ -118,11 +131,17 @@ class Simulation:
         return [r for r in self.replicas if r.ready_at <= now and not r.draining]
 
     def _route(self, req: SimRequest, now: float) -> None:
-        """Least outstanding requests among ready replicas that are not draining."""
+        """The router's choice among ready replicas that are not draining (held while there is none)."""
         if not self.routable:
             self.held.append(req)
             return
-        best = min(self.routable, key=_by_outstanding)
+        if self.balancer.policy == "least-outstanding":  # the common case, without building load records
+            best = min(self.routable, key=_by_outstanding)
+        else:
+            by_name = {r.name: r for r in self.routable}
+            loads = [WorkerLoad(r.name, r.outstanding, r.queued_prefill_tokens, kv_usage=r.kv_usage)
+                     for r in self.routable]
+            best = by_name[self.balancer.choose(loads, req.blocks or (), req.input_tokens).worker]
         best.advance(now)
         best.admit(req, now)
         self._schedule(best)
@@ -162,6 +181,7 @@ class Simulation:
             requests_finished=float(len(self.w_ttft)),
             running=float(sum(r.running for r in self.replicas)),
             waiting=float(sum(len(r.waiting) for r in self.replicas) + len(self.held)),
+            held_requests=float(len(self.held)),
             kv_usage=max((r.kv_usage for r in ready), default=0.0),
             kv_capacity_tokens=float(self.params.kv_capacity_tokens) if ready else None,  # as workers export it
             steps=steps, step_s=step_time / steps if steps else None,
@@ -249,7 +269,8 @@ class Simulation:
                 continue
             if t_arrival <= t_event:
                 now = t_arrival
-                req = SimRequest(i, now, int(inputs[i]), int(outputs[i]))
+                req = SimRequest(i, now, int(inputs[i]), int(outputs[i]),
+                                 self.prefixes[i] if self.prefixes is not None else None)
                 requests.append(req)
                 i += 1
                 in_flight += 1
@@ -294,4 +315,5 @@ class Simulation:
             output_tokens=np.array([r.output_tokens for r in requests]), gpu_seconds=gpu_seconds, duration_s=end,
             timeline={k: np.array(v, dtype=float) for k, v in self.timeline.items()}, decisions=self.decisions,
             batch_limit_changes=self.batch_changes, reasons=self.reasons,
+            prefix_cache_hit_rate=sum(r.cached_tokens for r in requests) / max(1, sum(r.input_tokens for r in requests)),
         )
