@@ -108,7 +108,7 @@ async def _closed_loop(llmd, tmp_path):
                      or (d.max_num_seqs, d.max_num_batched_tokens) != (32, 512)]
     assert limit_changes, "the batch limits never changed"
     assert any("TPOT stays within 250 ms" in d.reason for d in runtime.decisions)
-    # Every replica that was drained exited cleanly (its in-flight requests finished), and the proxy's
+    # Every replica that was drained exited cleanly (its in-flight requests finished), and the router's
     # retries, if any, hid the race between routing and draining.
     drained = [code for _, code in runtime.retired]
     assert len(drained) >= 2 and all(code == 0 for code in drained), runtime.retired

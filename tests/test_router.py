@@ -257,17 +257,55 @@ def test_worker_metrics_feed_the_load_and_bound_the_prefix_index_by_the_workers_
     asyncio.run(scenario())
 
 
-def test_prefix_policy_weighs_a_hit_by_the_prefill_it_saves_against_the_prefill_queued_ahead():
-    prompt = list(range(96))  # six blocks; worker a holds the first four
+def test_only_a_substantial_hit_takes_a_request_to_a_busier_worker_and_queued_prefill_breaks_ties():
+    prompt = list(range(160))  # ten blocks
 
-    def route(queued_on_a: int) -> tuple[Choice, int]:
+    def route(held_blocks: int, busy: int, queued: tuple[int, int] = (0, 0)) -> Choice:
         balancer = Balancer("prefix")
-        balancer.index.record("a", block_hashes(prompt[:64]))
-        a, b = WorkerLoad("a", in_flight=1, prefill_tokens=queued_on_a), WorkerLoad("b", in_flight=1)
-        choice = balancer.choose([a, b], block_hashes(prompt), len(prompt))
-        return choice, balancer.uncached_tokens(choice, len(prompt))
+        balancer.index.record("a", block_hashes(prompt[:16 * held_blocks]))
+        a = WorkerLoad("a", in_flight=busy, prefill_tokens=queued[0])
+        b = WorkerLoad("b", in_flight=0, prefill_tokens=queued[1])
+        return balancer.choose([a, b], block_hashes(prompt), len(prompt))
 
-    assert route(0) == (Choice("a", "prefix", 4), 32)
-    # A long prompt queued on a outweighs the 64 tokens the hit saves: b, though it holds nothing.
-    assert route(400) == (Choice("b", "prefix-spill", 0), 96)
-    assert route(40)[0].worker == "a"  # 40 + 32 < 96: the hit is worth the wait
+    assert route(6, busy=1) == Choice("a", "prefix", 6)  # 6 of 10 blocks: worth one more request in flight
+    assert route(3, busy=1) == Choice("b", "prefix-spill", 0)  # under half the prompt: load decides
+    assert route(10, busy=2) == Choice("b", "prefix-spill", 0)  # beyond the slack: even a full hit spills
+    assert route(3, busy=0) == Choice("a", "prefix", 3)  # equally loaded: any hit decides
+    assert route(0, busy=0, queued=(300, 0)).worker == "b"  # no hit, equal load: the shorter prefill queue
+
+
+def test_tideserve_router_runs_from_the_command_line_and_refuses_bad_settings(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "tideserve", "router", "--workers", "http://127.0.0.1:1",
+                          "--hold-max-requests", "-1"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert bad.returncode == 2 and "maxRequests" in bad.stderr
+
+    async def scenario():
+        worker = FakeWorker("w")
+        async with serving(worker) as url:
+            port = free_port()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tideserve", "router", "--workers", url, "--host", "127.0.0.1",
+                "--port", str(port), "--policy", "least-outstanding", cwd=tmp_path,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            try:
+                async with httpx.AsyncClient(timeout=20) as client:
+                    for _ in range(300):
+                        with contextlib.suppress(httpx.HTTPError):
+                            if (await client.get(f"http://127.0.0.1:{port}/ready")).status_code == 200:
+                                break
+                        assert process.returncode is None, (await process.stderr.read()).decode()
+                        await asyncio.sleep(0.1)
+                    answer = await client.post(f"http://127.0.0.1:{port}/v1/completions", json=BODY)
+                    assert answer.status_code == 200 and "w-2" in answer.text
+                    metrics = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                    assert 'tideserve_router_decisions_total{reason="least-outstanding"} 1.0' in metrics
+            finally:
+                process.terminate()
+                # uvicorn shuts down gracefully, then re-raises the signal it caught: exit by SIGTERM, not a crash.
+                assert await asyncio.wait_for(process.wait(), 30) in (0, -signal.SIGTERM)
+
+    asyncio.run(scenario())

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "bench": ("tideserve.bench.loadgen", "Load-test any OpenAI-compatible endpoint (Poisson rate or trace replay)."),
     "bench-routing": ("tideserve.bench.routing", "Compare the router's policies on the Mooncake shared-prefix trace, two local replicas."),
     "models": ("tideserve.worker.builtin_models", "Write the built-in models (tiny, smollm2) to local directories."),
-    "up": ("tideserve.local.up", "Run an LLMDeployment YAML on this machine: worker processes, a proxy, the autoscaler."),
+    "up": ("tideserve.local.up", "Run an LLMDeployment YAML on this machine: worker processes, the router, the autoscaler."),
     "demo": ("tideserve.local.demo", "Run the demo model locally under a compressed real trace, autoscaled live; ends with a PNG."),
     "router": ("tideserve.router.main", "Run the router: prefix- and load-aware routing over one LLMDeployment's workers."),
     "operator": ("tideserve.operator.main", "Run the Kubernetes operator that turns LLMDeployments into worker Deployments."),

@@ -6,7 +6,8 @@ every token count is scaled down by the same factor (a 512-token block becomes 1
 size, and outputs shrink alike) so that the prompts fit a small model's context on CPU. The first `count`
 requests whose scaled prompt and output fit the context are replayed at their trace arrival times (compressed by
 `speedup`) against `tideserve up`'s runtime: two replicas of the demo deployment behind the router, autoscaling
-off, fresh workers for each policy so that no policy inherits another's cache.
+off, fresh workers for each replay so that no policy inherits another's cache; `rounds` replays per policy in
+rotated order, latencies pooled.
 
 Reported per policy: the workers' prefix-cache hit rate (vllm:prefix_cache_hits over queries, in prompt tokens),
 the router's own estimate, TTFT and end-to-end percentiles; and the prefix policy's TTFT against each other
@@ -86,13 +87,15 @@ async def _prefix_counters(client: httpx.AsyncClient, urls: list[str]) -> tuple[
 
 
 async def run_policy(llmd: dict[str, Any], policy: str, workload: list[TraceRequest], log_dir: Path) -> dict[str, Any]:
+    """One replay of the workload against fresh workers behind the router with this policy: the raw latencies
+    and the counters, to pool over rounds."""
     from tideserve.bench.loadgen import BenchConfig, run_benchmark
     from tideserve.local.replicas import free_port
     from tideserve.local.runtime import LocalRuntime
 
     llmd = json.loads(json.dumps(llmd))
     llmd["spec"]["router"]["policy"] = policy
-    runtime = LocalRuntime(llmd, port=free_port(), log_dir=log_dir / policy, calibrate=False)
+    runtime = LocalRuntime(llmd, port=free_port(), log_dir=log_dir, calibrate=False)
     stop = asyncio.Event()
     serving = asyncio.ensure_future(runtime.run(stop))
     try:
@@ -111,30 +114,51 @@ async def run_policy(llmd: dict[str, Any], policy: str, workload: list[TraceRequ
                                                      model=llmd["spec"]["model"]["name"], label=policy))
             hits1, queries1 = await _prefix_counters(client, urls)
             router = parse_exposition((await client.get(f"{runtime.url}/metrics")).text)
-        hashed = router.value("tideserve_router_prefix_blocks_total") or 0.0
-        summary = result.summary
+        done = [r for r in result.records if r.success]
         return {
-            "policy": policy, "completed": summary.completed, "failed": summary.failed,
-            "prefix_cache_hit_rate": (hits1 - hits0) / (queries1 - queries0) if queries1 > queries0 else 0.0,
-            "router_prefix_estimate": (router.value("tideserve_router_prefix_matched_blocks_total") or 0.0) / hashed
-            if hashed else 0.0,
-            "ttft_p50_ms": summary.ttft.p50_ms, "ttft_p90_ms": summary.ttft.p90_ms, "ttft_p99_ms": summary.ttft.p99_ms,
-            "e2e_p50_ms": summary.e2e.p50_ms, "e2e_p90_ms": summary.e2e.p90_ms,
-            "duration_s": summary.duration_s, "errors": summary.errors,
-            "retries": runtime.router.retried,
+            "ttft_s": [r.ttft_s for r in done], "e2e_s": [r.e2e_s for r in done],
+            "failed": len(result.records) - len(done), "errors": result.summary.errors,
+            "hit_tokens": hits1 - hits0, "query_tokens": queries1 - queries0,
+            "matched_blocks": router.value("tideserve_router_prefix_matched_blocks_total") or 0.0,
+            "hashed_blocks": router.value("tideserve_router_prefix_blocks_total") or 0.0,
+            "retries": runtime.router.retried, "duration_s": result.summary.duration_s,
         }
     finally:
         stop.set()
         await asyncio.wait_for(serving, 300)
 
 
+def pooled(policy: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One policy's rounds as one row: latencies pooled, counters summed."""
+    import numpy as np
+
+    ttft = np.array([t for r in rounds for t in r["ttft_s"]]) * 1000
+    e2e = np.array([t for r in rounds for t in r["e2e_s"]]) * 1000
+    total = lambda key: sum(r[key] for r in rounds)  # noqa: E731
+    errors: dict[str, int] = {}
+    for r in rounds:
+        for message, count in r["errors"].items():
+            errors[message] = errors.get(message, 0) + count
+    return {
+        "policy": policy, "rounds": len(rounds), "completed": len(ttft), "failed": total("failed"), "errors": errors,
+        "prefix_cache_hit_rate": total("hit_tokens") / total("query_tokens") if total("query_tokens") else 0.0,
+        "router_prefix_estimate": total("matched_blocks") / total("hashed_blocks") if total("hashed_blocks") else 0.0,
+        "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p90_ms": float(np.percentile(ttft, 90)),
+        "ttft_p99_ms": float(np.percentile(ttft, 99)), "e2e_p50_ms": float(np.percentile(e2e, 50)),
+        "e2e_p90_ms": float(np.percentile(e2e, 90)), "retries": total("retries"),
+        "per_round_ttft_p50_ms": [float(np.percentile(r["ttft_s"], 50) * 1000) for r in rounds],
+        "per_round_ttft_p90_ms": [float(np.percentile(r["ttft_s"], 90) * 1000) for r in rounds],
+    }
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| policy | completed | failed | prefix-cache hit rate | router estimate | TTFT p50 | TTFT p90 | TTFT p99 | "
-             "E2E p50 |", "|---|---|---|---|---|---|---|---|---|"]
+             "E2E p50 | TTFT p50, p90 per round |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        per_round = "; ".join(f"{a:.0f}, {b:.0f}" for a, b in zip(r["per_round_ttft_p50_ms"], r["per_round_ttft_p90_ms"]))
         lines.append(f"| {r['policy']} | {r['completed']} | {r['failed']} | {100 * r['prefix_cache_hit_rate']:.1f}% | "
                      f"{100 * r['router_prefix_estimate']:.1f}% | {r['ttft_p50_ms']:.0f} ms | {r['ttft_p90_ms']:.0f} ms | "
-                     f"{r['ttft_p99_ms']:.0f} ms | {r['e2e_p50_ms']:.0f} ms |")
+                     f"{r['ttft_p99_ms']:.0f} ms | {r['e2e_p50_ms']:.0f} ms | {per_round} |")
     return "\n".join(lines)
 
 
@@ -155,6 +179,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=300, help="requests replayed (the first that fit)")
     parser.add_argument("--speedup", type=float, default=1.0, help="compress the trace's arrival times")
     parser.add_argument("--policies", default="prefix,least-outstanding,round-robin")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="replays per policy, in rotated order (prefix, lo, rr; lo, rr, prefix; ...) so that a "
+                             "drift of the machine over the run does not favour one policy; latencies are pooled")
     parser.add_argument("--file", help="the LLMDeployment to run (default: the demo's, with 2 replicas, "
                                        "autoscaling off and a 512-token context)")
     parser.add_argument("--json", help="write the results here")
@@ -179,10 +206,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(workload)} requests over {workload[-1].arrival_s:.0f} s; {100 * shared:.1f}% of their prompt blocks "
           f"were in an earlier request of the slice; prompts {min(r.input_tokens for r in workload)}-"
           f"{max(r.input_tokens for r in workload)} tokens", flush=True)
-    rows = []
-    for policy in args.policies.split(","):
-        rows.append(asyncio.run(run_policy(llmd, policy, workload, Path(args.log_dir))))
-        print(f"{policy}: done", flush=True)
+    policies = args.policies.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    for k in range(args.rounds):
+        for policy in policies[k % len(policies):] + policies[:k % len(policies)]:
+            runs[policy].append(asyncio.run(run_policy(llmd, policy, workload, Path(args.log_dir) / f"{policy}-{k}")))
+            last = runs[policy][-1]
+            print(f"round {k + 1}, {policy}: {len(last['ttft_s'])} completed, {last['failed']} failed", flush=True)
+    rows = [pooled(p, runs[p]) for p in policies]
     print(format_table(rows))
     for name, r in ratios(rows).items():
         print(f"prefix / {name}: TTFT p50 x{r['ttft_p50']:.2f}, p90 x{r['ttft_p90']:.2f}, "

@@ -11,8 +11,8 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="an LLMDeployment YAML, as for kubectl apply")
-    parser.add_argument("--host", default="127.0.0.1", help="the proxy listens here")
-    parser.add_argument("--port", type=int, default=8000, help="the proxy's port: the deployment's one endpoint")
+    parser.add_argument("--host", default="127.0.0.1", help="the router listens here")
+    parser.add_argument("--port", type=int, default=8000, help="the router's port: the deployment's one endpoint")
     parser.add_argument("--log-dir", help="worker logs go here (default: a temporary directory)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="plan on the spec's default profile instead of measuring one on this machine first")

@@ -10,15 +10,14 @@ hashes it sent there (an LRU bounded per worker, by default to what the worker's
 estimates what that worker has cached without asking it.
 
 Affinity alone would pile a hot prefix onto one worker, and on a busy worker every request waits longer than
-the prefill a cache hit saves. So the prefix policy scores the time to a first token rather than the match: a
-request waits for the prompt tokens queued for prefill on that worker (routed there, no response byte back yet)
-and then for its own prompt less the prefix the worker holds; the worker with the least of that wins, and a
-cache hit is worth exactly the prefill it saves. Requests in flight bound it, in the spirit of consistent hashing
-with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018): a worker is a candidate only while its load stays
-within a slack of the least-loaded worker's (`load_factor - 1` times the mean load, at least one request), so
-decode batches stay even too. A worker's load is what this router has in flight there plus what the worker
-reported running and waiting beyond that at the last refresh (other router replicas' requests), and a worker
-whose KV cache is nearly full is no candidate while another is.
+the prefill a cache hit saves (on this project's CPU workers, a decode batch one sequence larger slows every
+step). So load comes first: requests go to the least-loaded workers, and among those to the one holding the
+longest prefix (ties: the least prompt tokens queued for prefill there). Only a hit worth it, at least half the
+prompt and four blocks, may take a request to a busier worker, and then only within a slack of the least-loaded
+one's load (`load_factor - 1` times the mean load, at least one request), in the spirit of consistent hashing
+with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018). A worker's load is what this router has in flight
+there plus what the worker reported running and waiting beyond that at the last refresh (other router replicas'
+requests), and a worker whose KV cache is nearly full is no candidate while another is.
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ CHAR_BLOCK = 64  # about 16 tokens of English text
 MAX_BLOCKS = 512  # leading blocks hashed per request: bounds the router's work on 100k-token prompts
 DEFAULT_BLOCKS_PER_WORKER = 8192
 KV_FULL = 0.95
+MIN_AFFINITY_BLOCKS = 4  # a hit that may take a request to a busier worker: at least this many blocks
+MIN_AFFINITY_SHARE = 0.5  # and at least this share of the prompt
 
 
 def block_hashes(prompt: str | Sequence[int], max_blocks: int = MAX_BLOCKS) -> list[bytes]:
@@ -161,16 +162,13 @@ class Balancer:
         roomy = [w for w in workers if w.kv_usage < KV_FULL] or list(workers)
         least = min(w.load for w in roomy)
         slack = max(1.0, (self.load_factor - 1.0) * (sum(w.load for w in workers) + 1) / len(workers))
-        candidates = [w for w in roomy if w.load <= least + slack]
         matched = {w.name: self.index.matched(w.name, hashes) for w in workers}
-
-        def wait(w: WorkerLoad) -> tuple[float, float, str]:  # prefill ahead of and in the first token
-            own = max(0, prompt_tokens - matched[w.name] * self.block_tokens)
-            return (w.prefill_tokens + own, w.load, w.name)
-
-        best = min(candidates, key=wait)
+        worth = max(MIN_AFFINITY_BLOCKS, MIN_AFFINITY_SHARE * prompt_tokens / self.block_tokens)
+        affine = [w for w in roomy if w.load <= least + slack and matched[w.name] >= worth]
+        pool = affine or [w for w in roomy if w.load <= least]
+        best = min(pool, key=lambda w: (-matched[w.name], w.load, w.prefill_tokens, w.name))
         most = max(matched.values())
-        reason = ("least-loaded" if most == 0 else "prefix" if matched[best.name] == most else "prefix-spill")
+        reason = "least-loaded" if most == 0 else "prefix" if matched[best.name] == most else "prefix-spill"
         self.index.record(best.name, hashes)
         return Choice(best.name, reason, matched[best.name])
 
