@@ -218,7 +218,7 @@ def test_monitoring_is_off_by_default_and_needs_the_prometheus_operator_api():
     # No operator metrics port: nothing to scrape from the operator, the workers still are.
     names = [name for kind, name in monitoring_docs([*VALUE_SETS["monitoring"], "--set", "metrics.port=0"])
              if kind == "PodMonitor"]
-    assert names == ["tideserve-workers"]
+    assert names == ["tideserve-workers", "tideserve-routers"]
 
 
 def test_the_schema_check_refuses_a_broken_pod_monitor():
@@ -256,6 +256,16 @@ def test_the_worker_pod_monitor_selects_worker_pods_and_labels_them_as_the_opera
             "__meta_kubernetes_pod_label_tideserve_io_llmdeployment": "llmdeployment"}
     assert {r["sourceLabels"][0]: r["targetLabel"] for r in endpoint["relabelings"]} == meta
     assert operator["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+    # The router pods' monitor: the same labels, the deployment's name from the router label.
+    routers = docs["PodMonitor", "tideserve-routers"]["spec"]
+    router = manifests.build_router_deployment(defaulted(llmd), OperatorConfig())
+    assert routers["selector"]["matchLabels"].items() <= manifests.router_labels("chat").items()
+    assert [e["key"] for e in routers["selector"]["matchExpressions"]] == [manifests.ROUTER_LABEL]
+    (endpoint,) = routers["podMetricsEndpoints"]
+    assert endpoint["port"] in [p["name"] for p in router["spec"]["template"]["spec"]["containers"][0]["ports"]]
+    router_meta = {**meta, "__meta_kubernetes_pod_label_tideserve_io_router": "llmdeployment"}
+    del router_meta["__meta_kubernetes_pod_label_tideserve_io_llmdeployment"]
+    assert {r["sourceLabels"][0]: r["targetLabel"] for r in endpoint["relabelings"]} == router_meta
 
 
 def test_the_prometheus_rule_is_the_shipped_rules_file_and_passes_promtool(tmp_path):

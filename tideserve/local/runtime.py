@@ -139,7 +139,11 @@ class LocalRuntime:
         if prometheus:
             self.prometheus = PrometheusServer(
                 [ScrapeJob("tideserve-workers", targets_file=self.log_dir / "prometheus-workers.json"),
-                 ScrapeJob("tideserve-autoscaler", static=[f"{host}:{self.metrics_port}"], honor_labels=True)],
+                 ScrapeJob("tideserve-autoscaler", static=[f"{host}:{self.metrics_port}"], honor_labels=True),
+                 # The router as the chart's router PodMonitor labels its pods.
+                 ScrapeJob("tideserve-routers", static=[f"{host}:{port}"],
+                           labels={"namespace": self.namespace, "llmdeployment": self.name,
+                                   "pod": f"{self.name}-router", "container": "router"})],
                 scrape_interval_s=scrape_interval_s, rule_files=[RULES_FILE], directory=self.log_dir / "prometheus")
         self._targets_written: list | None = None
 
