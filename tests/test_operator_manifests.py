@@ -35,7 +35,9 @@ def worker(obj: dict) -> dict:
 def test_generated_manifests_pass_strict_kubernetes_validation(path, version):
     obj = llmd(path)
     for manifest in (manifests.build_deployment(obj, CONFIG), manifests.build_service(obj),
-                     manifests.build_pod_disruption_budget(obj), manifests.build_admin_secret(obj, "t0ken")):
+                     manifests.build_pod_disruption_budget(obj), manifests.build_admin_secret(obj, "t0ken"),
+                     manifests.build_router_deployment(obj, CONFIG), manifests.build_worker_service(obj),
+                     manifests.build_router_pod_disruption_budget(obj)):
         if manifest is not None:
             kubernetes_validate.validate(patching.with_last_applied(manifest), version, strict=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -315,3 +316,37 @@ def test_the_kv_capacity_the_workers_report_replaces_the_bootstrap_guess():
     after = p.decide(obs)
     assert p.model.params.kv_capacity_tokens == H100_8B.kv_capacity_tokens // 10
     assert after.details["capacity_per_replica"] < before.details["capacity_per_replica"]
+
+
+# --- zero replicas --------------------------------------------------------------------------------------
+
+
+def test_at_zero_only_held_requests_start_replicas_enough_for_them_at_once():
+    p = policy(min_replicas=0, interval_s=15, scale_up_stabilization_s=300)
+    idle = p.decide(window(0.0, replicas=0, finished=0, running=0.0))
+    assert (idle.replicas, idle.action) == (0, "hold") and "no request held" in idle.reason
+    held = dataclasses.replace(window(15.0, replicas=0, finished=0, running=0.0), held_requests=300.0)
+    start = p.decide(held)  # no stabilization wait: nothing serves them meanwhile
+    assert (start.replicas, start.action) == (2, "scale-up") and start.reason == \
+        "scale from zero 0->2: 300 request(s) held by the router"  # ceil(300 / 256 sequences per replica)
+    capped = policy(min_replicas=0, max_replicas=1).decide(held)
+    assert capped.replicas == 1
+
+
+def test_scale_to_zero_only_after_the_idle_time_with_min_replicas_zero_and_fresh_metrics():
+    def idle_for(p, seconds, stale_at=None):
+        decisions = []
+        for t in range(0, seconds + 1, 15):
+            decisions.append(p.decide(window(float(t), replicas=1, finished=0 if t else 10, running=0.0,
+                                             stale=t == stale_at)))
+        return decisions
+
+    going = idle_for(policy(min_replicas=0, scale_to_zero_after_s=60), 60)
+    assert going[-1].replicas == 0 and going[-1].reason.startswith("scale to zero 1->0: no request for 60 s")
+    assert all(d.replicas == 1 for d in going[:-1])
+    # Never without scaleToZeroAfterSeconds, nor with minReplicas 1, nor on a stale window.
+    assert all(d.replicas == 1 for d in idle_for(policy(min_replicas=0), 300))
+    assert all(d.replicas == 1 for d in idle_for(policy(min_replicas=1, scale_to_zero_after_s=60), 300))
+    assert idle_for(policy(min_replicas=0, scale_to_zero_after_s=60), 60, stale_at=60)[-1].replicas == 1
+    with pytest.raises(ValueError, match="scale_to_zero_after_s"):
+        PolicyConfig(min_replicas=0, scale_to_zero_after_s=-1)
