@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tideserve.router.balancer import POLICIES as POLICIES_ROUTER
+
 POLICIES = ("tideserve", "static-peak", "static-mean", "hpa", "llm-d", "llm-d-goal", "dynamo", "kubeai")
 # The hindsight bound's search: token budgets around the one whose busy step fits a 50 ms TPOT on an H100
 # (512 to 1024 tokens) and the engine default, and bisections of the per-replica rate (0.5x to 2x the
@@ -53,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON of the simulated engine's true step-time parameters (default: 8B model on an "
                              "H100); the autoscaler starts from its own bootstrap profile and calibrates online")
     parser.add_argument("--gpu-quota", type=int, help="replicas beyond this stay Pending")
+    parser.add_argument("--router", choices=POLICIES_ROUTER, default=None,
+                        help="the router's policy (default: prefix for traces with prefix blocks, e.g. Mooncake's "
+                             "hash_ids, whose replicas then keep prefix caches; least-outstanding otherwise)")
     parser.add_argument("--kubeai-target", type=float, default=100.0, help="KubeAI targetRequests")
     parser.add_argument("--workers", type=int, default=min(2, multiprocessing.cpu_count()))
     parser.add_argument("--seed", type=int, default=0)
@@ -235,7 +240,7 @@ def _simulate(policy, args, params, workload, initial: int, max_num_batched_toke
     return Simulation(arrivals, inputs, outputs, policy, SimConfig(
         params=params, startup_s=args.startup_s, initial_replicas=initial, initial_max_num_seqs=args.max_num_seqs,
         initial_max_num_batched_tokens=max_num_batched_tokens or args._max_num_batched_tokens,
-        gpu_quota=args.gpu_quota), prefixes=prefixes).run()
+        gpu_quota=args.gpu_quota, router=getattr(args, "router", None)), prefixes=prefixes).run()
 
 
 def _static_peak_search(args, params, workload):
