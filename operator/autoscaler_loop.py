@@ -297,13 +297,13 @@ class DeploymentLoop:
         return min(interval, ZERO_POLL_SECONDS) if decision.replicas == 0 else interval
 
     async def _held_requests(self, spec: dict[str, Any]) -> float:
-        """Requests the router pods hold for lack of a ready worker (read from each ready router pod directly,
-        also when worker metrics come from Prometheus: this one must not wait for a scrape)."""
+        """Requests the router pods hold for lack of a ready worker (read from each ready router pod of the
+        router Deployment directly, also when worker metrics come from Prometheus: this must not wait for a
+        scrape)."""
         if not manifests.router_enabled(spec):
             return 0.0
         selector = ",".join(f"{k}={v}" for k, v in manifests.router_selector_labels(self.name).items())
-        pods = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods", selector)
-        ready = [p for p in pods if source.is_ready(p) and not source.is_terminating(p)]
+        ready = [p for p in await self._pods_of("RouterDeployment", selector) if source.is_ready(p)]
         if not ready:
             return 0.0
         collected = await source.scrape_pods(await self.autoscaler.http(), ready,
@@ -312,11 +312,15 @@ class DeploymentLoop:
 
     async def _owned_pods(self) -> list[dict[str, Any]]:
         """The worker pods, as far as the Deployment's own ReplicaSets vouch for them (see source.owned_pods)."""
-        selector = label_selector(self.name)
+        return await self._pods_of("Deployment", label_selector(self.name))
+
+    async def _pods_of(self, child: str, selector: str) -> list[dict[str, Any]]:
+        """The pods of one of the LLMDeployment's Deployments (children() key `child`), as far as that
+        Deployment's own ReplicaSets vouch for them: a pod that only copies the labels has no say."""
         pods, replicasets, deployment = await asyncio.gather(
             asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{self.namespace}/pods", selector),
             asyncio.to_thread(self.kube.list, f"/apis/apps/v1/namespaces/{self.namespace}/replicasets", selector),
-            asyncio.to_thread(self.kube.get, children(self.namespace, self.name)["Deployment"].path))
+            asyncio.to_thread(self.kube.get, children(self.namespace, self.name)[child].path))
         return source.owned_pods(pods, replicasets, deployment)
 
     async def _ensure_policy(self, llmd: dict[str, Any]) -> bool:

@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tideserve.operator.manifests import router_enabled
+from tideserve.operator.manifests import router_enabled, worker_service_name
+
+MAX_NAME = 63 - len(worker_service_name(""))  # the longest Service name derived from it stays a DNS-1035 label
 
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -30,8 +32,9 @@ def validate(llmdeployment: dict[str, Any]) -> list[FieldError]:
     """Cross-field errors of a defaulted LLMDeployment (see resource.defaulted); empty when it is valid."""
     errors = []
     name = llmdeployment.get("metadata", {}).get("name", "")
-    if len(name) > 63 or not DNS_1035_LABEL.match(name):
-        errors.append(FieldError("metadata.name", "must be a DNS-1035 label of at most 63 characters: it also names the Service"))
+    if len(name) > MAX_NAME or not DNS_1035_LABEL.match(name):
+        errors.append(FieldError("metadata.name", f"must be a DNS-1035 label of at most {MAX_NAME} characters: it "
+                                                  "also names the Services (NAME-workers: at most 63)"))
 
     spec = llmdeployment["spec"]
     model, source, engine = spec["model"], spec["model"]["source"], spec["engine"]

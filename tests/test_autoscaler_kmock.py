@@ -569,13 +569,26 @@ class FakeRouter(FakePod):
         return generate_latest(self.router_metrics.registry)
 
 
-async def add_router_pod(api, name: str, pod: FakeRouter) -> None:
-    """A ready router pod as its Deployment's controllers would leave it (labels of the operator's template)."""
+async def add_router_pod(api, name: str, pod: FakeRouter, owned: bool = True) -> None:
+    """A ready router pod as the router Deployment's controllers would leave it (owned=False: someone else's pod
+    with the router labels)."""
     from tideserve.operator.manifests import router_labels
 
+    labels = router_labels(NAME)
+    owner = None
+    if owned:
+        deployment = await eventually(lambda: api.get(*DEPLOYMENT, NS, f"{NAME}-router"))
+        owner = api.get(*REPLICASET, NS, f"{NAME}-router-7c9d") or await request(api, "POST", RS_PATH, {
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": f"{NAME}-router-7c9d", "labels": labels,
+                                                                       "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "Deployment", "name": f"{NAME}-router",
+                "uid": deployment["metadata"]["uid"], "controller": True}]},
+            "spec": {"selector": {"matchLabels": labels}}}, content_type="application/json")
     await request(api, "POST", PODS, {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": router_labels(NAME),
+        "metadata": {"name": name, "labels": labels,
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{NAME}-router-7c9d",
+                                          "uid": owner["metadata"]["uid"], "controller": True}] if owner else [],
                      "annotations": {"prometheus.io/port": str(pod.port), "prometheus.io/path": "/metrics"}},
         "spec": {"containers": [{"name": "router", "image": "tideserve-worker:test"}]}}, content_type="application/json")
     await request(api, "PATCH", f"{PODS}/{name}/status", {"status": {
@@ -585,10 +598,14 @@ async def add_router_pod(api, name: str, pod: FakeRouter) -> None:
 
 async def test_requests_held_by_the_router_start_the_first_replica_and_idle_returns_to_zero(api, operator, fake_pods):
     await create(api, llmdeployment(replicas=0, minReplicas=0, scaleToZeroAfterSeconds=3))
+    stray = await fake_pods.add("impostor", kind=FakeRouter)
+    stray.held = 50  # a pod that only copies the router labels has no say
+    await add_router_pod(api, "impostor", stray, owned=False)
     router = await fake_pods.add("chat-router-0", kind=FakeRouter)
     await add_router_pod(api, "chat-router-0", router)
     await asyncio.sleep(2)
     assert api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 0  # nothing held: it stays at zero
+    assert stray.scrapes == 0
     router.held = 3
     await eventually(lambda: api.get(*LLMD, NS, NAME)["spec"]["replicas"] == 1, timeout=15)
     assert status(api)["autoscaling"]["lastDecision"]["reason"] == "scale from zero 0->1: 3 request(s) held by the router"

@@ -203,6 +203,7 @@ SCHEMA_CASES = [
     ({"spec": {"unknownField": 1}}, "spec"),
     ({"metadata": {"name": "9-starts-with-a-digit"}}, "metadata.name"),
     ({"metadata": {"name": "a" * 64}}, "metadata.name"),
+    ({"metadata": {"name": "a" * 56}}, "metadata.name"),  # NAME-workers would be 64 characters
 ]
 CEL_CASES = [
     ({"spec": {"model": {"source": {"uri": "hf://org/model"}}}}, "spec.model.source"),
@@ -268,3 +269,10 @@ def _only_rule(schema: dict, rule: str) -> dict:
     if "properties" in schema:
         result["properties"] = {k: _only_rule(v, rule) for k, v in schema["properties"].items()}
     return result
+
+
+def test_the_operator_refuses_names_whose_headless_service_name_would_be_too_long():
+    longest = with_change({"metadata": {"name": "a" * 55}})
+    assert admit(longest) == [] and validate(apply_defaults(openapi_schema(), longest)) == []
+    too_long = apply_defaults(openapi_schema(), with_change({"metadata": {"name": "a" * 56}}))
+    assert [e.field for e in validate(too_long)] == ["metadata.name"]

@@ -331,6 +331,8 @@ def test_at_zero_only_held_requests_start_replicas_enough_for_them_at_once():
         "scale from zero 0->2: 300 request(s) held by the router"  # ceil(300 / 256 sequences per replica)
     capped = policy(min_replicas=0, max_replicas=1).decide(held)
     assert capped.replicas == 1
+    # With minReplicas 1, a deployment someone scaled to zero goes back to one without any held request.
+    assert policy(min_replicas=1).decide(window(0.0, replicas=0, finished=0, running=0.0)).replicas == 1
 
 
 def test_scale_to_zero_only_after_the_idle_time_with_min_replicas_zero_and_fresh_metrics():

@@ -52,10 +52,13 @@ def test_prefix_policy_sticks_a_hot_prefix_to_one_worker_until_its_load_bound_sp
     hot = block_hashes(list(range(256)))
     first = balancer.choose(workers, hot)
     assert first.reason == "least-loaded" and first.worker == "a"  # a miss goes to the least-loaded (ties: name)
+    assert balancer.choose(workers, hot) == first  # nothing is remembered until the worker took the request
+    balancer.sent(first, hot)
     load = {w.name: w for w in workers}
     reasons = []
     for _ in range(8):  # each request stays in flight
         choice = balancer.choose(workers, hot)
+        balancer.sent(choice, hot)
         load[choice.worker].in_flight += 1
         reasons.append((choice.worker, choice.reason))
     # The hot prefix stays on a while its load is within 1.25x the mean, then spills, and the spill target
@@ -193,7 +196,7 @@ def test_a_draining_workers_503_is_retried_on_another_worker_and_streams_pass_th
                 metrics = (await client.get(f"{front}/metrics")).text
         assert draining.calls == 1 and router.retried == 1
         assert "tideserve_router_retries_total 1.0" in metrics
-        assert 'tideserve_router_decisions_total{reason="round-robin"} 2.0' in metrics
+        assert 'tideserve_router_decisions_total{reason="round-robin"} 1.0' in metrics  # once per request, retries apart
 
     asyncio.run(scenario())
 
@@ -309,3 +312,60 @@ def test_tideserve_router_runs_from_the_command_line_and_refuses_bad_settings(tm
                 assert await asyncio.wait_for(process.wait(), 30) in (0, -signal.SIGTERM)
 
     asyncio.run(scenario())
+
+
+def test_a_held_request_whose_client_leaves_frees_its_slot_and_never_reaches_a_worker():
+    async def scenario():
+        worker = FakeWorker("w")
+        router = Router("prefix", HoldQueue(max_requests=1, timeout_s=60), load_refresh_s=0)
+        async with serving(worker) as w, serving(router) as front:
+            async with httpx.AsyncClient(timeout=0.5) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await impatient.post(f"{front}/v1/completions", json=BODY)
+            for _ in range(200):
+                if router.held == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert router.held == 0  # the slot is free again: the next request is held, not refused
+            async with httpx.AsyncClient(timeout=20) as client:
+                held = asyncio.ensure_future(client.post(f"{front}/v1/completions", json=BODY))
+                while router.held < 1:
+                    await asyncio.sleep(0.01)
+                router.update([Endpoint("w", w)])
+                assert (await held).status_code == 200
+        assert worker.calls == 1  # only the second request reached the worker
+
+    asyncio.run(scenario())
+
+
+def test_the_mooncake_workload_turns_equal_hash_ids_into_equal_token_blocks_and_keeps_what_fits(tmp_path):
+    from tideserve.bench.routing import mooncake_prefix_workload
+
+    trace = tmp_path / "trace.jsonl"
+    rows = [{"timestamp": 1000, "input_length": 1024, "output_length": 64, "hash_ids": [1, 2]},
+            {"timestamp": 1500, "input_length": 40000, "output_length": 10, "hash_ids": list(range(100, 179))},
+            {"timestamp": 3000, "input_length": 1300, "output_length": 320, "hash_ids": [1, 2, 3]}]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    workload, shared = mooncake_prefix_workload(trace, count=10)
+    assert len(workload) == 2  # the 79-block prompt does not fit 512 tokens once scaled
+    first, third = workload
+    assert (first.arrival_s, third.arrival_s) == (0.0, 2.0)
+    assert first.prompt_token_ids == third.prompt_token_ids[:32] and len(third.prompt_token_ids) == 32 + 9
+    assert (first.output_tokens, third.output_tokens) == (2, 10)
+    assert shared == pytest.approx(2 / 4)  # blocks 1, 2 again out of 1, 2, then 1, 2 (the partial 3 is not cached)
+    with pytest.raises(ValueError, match="fits"):
+        mooncake_prefix_workload(trace, max_context=8)
+
+
+def test_discovery_sends_the_token_the_kubernetes_client_holds_at_each_request():
+    import kubernetes
+
+    from tideserve.router.discovery import ConfigurationAuth
+
+    configuration = kubernetes.client.Configuration()
+    configuration.api_key = {"authorization": "Bearer first"}
+    auth = ConfigurationAuth(configuration)
+    request = httpx.Request("GET", "https://api/apis")
+    assert next(auth.auth_flow(request)).headers["Authorization"] == "Bearer first"
+    configuration.api_key = {"authorization": "Bearer rotated"}  # what the in-cluster refresh hook does
+    assert next(auth.auth_flow(httpx.Request("GET", "https://api/apis"))).headers["Authorization"] == "Bearer rotated"

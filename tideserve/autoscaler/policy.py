@@ -143,7 +143,7 @@ class TideservePolicy:
         c = self.config
         if obs.held_requests or obs.requests_finished or obs.running or obs.waiting or self._last_request is None:
             self._last_request = obs.time
-        if obs.desired_replicas == 0:
+        if obs.desired_replicas == 0 and c.min_replicas == 0:
             if obs.held_requests:
                 target = min(c.max_replicas, max(c.floor, math.ceil(obs.held_requests / max(limits.max_num_seqs, 1))))
                 return self._decision(obs, target, limits, "scale-up", f"scale from zero 0->{target}: "

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from tideserve.autoscaler.scrape import parse_exposition
-from tideserve.traces import TraceRequest
+from tideserve.traces import TraceRequest, load_trace
 
 SOURCE_BLOCK = 512  # tokens per Mooncake hash id
 VOCAB = (1000, 40000)  # token ids drawn for block text: ordinary vocabulary of the demo model's tokenizer
@@ -47,31 +47,24 @@ def mooncake_prefix_workload(path: str | Path, count: int = 300, block: int = 16
     prompt blocks that an earlier request of the slice already had (what a perfect prefix cache could reuse)."""
     scale = block / SOURCE_BLOCK
     requests, seen, blocks, shared = [], set(), 0, 0
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if len(requests) >= count:
-                break
-            row = json.loads(line)
-            try:
-                hashes, input_length = list(row["hash_ids"]), int(row["input_length"])
-                output = max(2, round(int(row["output_length"]) * scale))
-                arrival = float(row["timestamp"]) / 1000.0 / speedup
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{number}: a Mooncake request needs hash_ids, input_length, output_length "
-                                 f"and timestamp ({exc})") from None
-            if not hashes:
-                continue
-            last = max(1, round((input_length - SOURCE_BLOCK * (len(hashes) - 1)) * scale))
-            prompt = [t for h in hashes[:-1] for t in block_tokens(h, block)] + block_tokens(hashes[-1], min(last, block))
-            if len(prompt) + output > max_context:
-                continue
-            full = hashes if last >= block else hashes[:-1]  # a partial last block is never cached
-            blocks += len(full)
-            shared += sum(1 for h in full if h in seen)
-            seen.update(full)
-            requests.append(TraceRequest(arrival, len(prompt), output, tuple(prompt)))
+    for r in load_trace(path):
+        if len(requests) >= count:
+            break
+        hashes = r.prefix_blocks
+        if not hashes:
+            continue
+        output = max(2, round(r.output_tokens * scale))
+        last = max(1, round((r.input_tokens - SOURCE_BLOCK * (len(hashes) - 1)) * scale))
+        prompt = [t for h in hashes[:-1] for t in block_tokens(h, block)] + block_tokens(hashes[-1], min(last, block))
+        if len(prompt) + output > max_context:
+            continue
+        full = hashes if last >= block else hashes[:-1]  # a partial last block is never cached
+        blocks += len(full)
+        shared += sum(1 for h in full if h in seen)
+        seen.update(full)
+        requests.append(TraceRequest(r.arrival_s / speedup, len(prompt), output, tuple(prompt)))
     if not requests:
-        raise ValueError(f"{path}: no request fits a {max_context}-token context")
+        raise ValueError(f"{path}: no request with hash_ids fits a {max_context}-token context")
     start = requests[0].arrival_s
     return [TraceRequest(r.arrival_s - start, r.input_tokens, r.output_tokens, r.prompt_token_ids)
             for r in requests], (shared / blocks if blocks else 0.0)

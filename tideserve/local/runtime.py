@@ -325,7 +325,7 @@ class LocalRuntime:
         while not stop.is_set():
             next_at += self.config.interval_s
             while time.monotonic() < next_at and not stop.is_set():
-                if self.router.held and not self.desired:
+                if self.router.held and not self.desired and self.enabled and not self.config.advisory:
                     break  # requests wait at zero replicas: decide now, not at the end of the interval
                 await self._check_replicas()
                 await self._push_limits()

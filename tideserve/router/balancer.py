@@ -143,9 +143,8 @@ class Balancer:
         self._turn = itertools.count()
 
     def choose(self, workers: Sequence[WorkerLoad], hashes: Sequence[Hashable], prompt_tokens: int = 0) -> Choice | None:
-        """The worker for a request whose prompt has these block hashes; None with no worker. Records the
-        prefix as now held by the chosen worker, under every policy, so that the prefix-hit estimate
-        (Choice.matched_blocks) compares policies."""
+        """The worker for a request whose prompt has these block hashes; None with no worker. Call `sent` once
+        the worker has taken the request."""
         if not workers:
             return None
         if self.policy == "prefix":
@@ -154,9 +153,12 @@ class Balancer:
             name, reason = workers[next(self._turn) % len(workers)].name, "round-robin"
         else:
             name, reason = min(workers, key=_least_loaded).name, "least-outstanding"
-        choice = Choice(name, reason, self.index.matched(name, hashes))
-        self.index.record(name, hashes)
-        return choice
+        return Choice(name, reason, self.index.matched(name, hashes))
+
+    def sent(self, choice: Choice, hashes: Sequence[Hashable]) -> None:
+        """The chosen worker took the request (a refusal does not count): its prefix is now believed held there,
+        under every policy, so that the prefix-hit estimate (Choice.matched_blocks) compares policies."""
+        self.index.record(choice.worker, hashes)
 
     def _prefix_choice(self, workers: Sequence[WorkerLoad], hashes: Sequence[Hashable], prompt_tokens: int) -> Choice:
         roomy = [w for w in workers if w.kv_usage < KV_FULL] or list(workers)
@@ -169,7 +171,6 @@ class Balancer:
         best = min(pool, key=lambda w: (-matched[w.name], w.load, w.prefill_tokens, w.name))
         most = max(matched.values())
         reason = "least-loaded" if most == 0 else "prefix" if matched[best.name] == most else "prefix-spill"
-        self.index.record(best.name, hashes)
         return Choice(best.name, reason, matched[best.name])
 
     def uncached_tokens(self, choice: Choice, prompt_tokens: int) -> int:

@@ -42,17 +42,27 @@ def endpoints_from_slices(slices: Sequence[dict[str, Any]], port_name: str = "ht
     return sorted(endpoints.values(), key=lambda e: e.name)
 
 
+class ConfigurationAuth(httpx.Auth):
+    """The bearer token as the kubernetes client holds it at each request: in a pod its refresh hook re-reads
+    the projected service account token, which the kubelet rotates."""
+
+    def __init__(self, configuration):
+        self.configuration = configuration
+
+    def auth_flow(self, request: httpx.Request):
+        authorization = (self.configuration.get_api_key_with_prefix("BearerToken")
+                         or self.configuration.get_api_key_with_prefix("authorization"))
+        if authorization:
+            request.headers["Authorization"] = authorization if " " in authorization else f"Bearer {authorization}"
+        yield request
+
+
 def api_client(configuration) -> httpx.AsyncClient:
     """An httpx client with a kubernetes.client.Configuration's server and credentials."""
-    headers = {}
-    authorization = (configuration.get_api_key_with_prefix("BearerToken")
-                     or configuration.get_api_key_with_prefix("authorization"))
-    if authorization:
-        headers["Authorization"] = authorization if " " in authorization else f"Bearer {authorization}"
     verify: Any = (configuration.ssl_ca_cert or True) if configuration.verify_ssl else False
     cert = (configuration.cert_file, configuration.key_file) if configuration.cert_file else None
-    return httpx.AsyncClient(base_url=configuration.host, headers=headers, verify=verify, cert=cert,
-                             timeout=httpx.Timeout(30.0, read=WATCH_TIMEOUT_S + 30))
+    return httpx.AsyncClient(base_url=configuration.host, auth=ConfigurationAuth(configuration), verify=verify,
+                             cert=cert, timeout=httpx.Timeout(30.0, read=WATCH_TIMEOUT_S + 30))
 
 
 class EndpointSliceDiscovery:

@@ -29,8 +29,8 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tideserve.autoscaler.scrape import KV_CAPACITY, KV_USAGE, RUNNING, WAITING, MetricsParseError, parse_exposition
-from tideserve.buckets import TTFT_BUCKETS
-from tideserve.router.balancer import TOKEN_BLOCK, Balancer, WorkerLoad, block_hashes
+from tideserve.buckets import E2E_BUCKETS
+from tideserve.router.balancer import TOKEN_BLOCK, Balancer, Choice, WorkerLoad, block_hashes
 
 log = logging.getLogger("tideserve.router")
 
@@ -71,7 +71,7 @@ class RouterMetrics:
                           registry=r)
         self.hold_seconds = Histogram("tideserve_router_hold_seconds",
                                       "Time a request waited for a routable worker (0 when one was ready).",
-                                      buckets=TTFT_BUCKETS, registry=r)
+                                      buckets=E2E_BUCKETS, registry=r)
         self.decisions = Counter("tideserve_router_decisions", "Routing decisions by reason.", ["reason"], registry=r)
         self.rejected = Counter("tideserve_router_rejected", "Requests answered by the router itself, by reason "
                                 "(queue-full: 429, hold-timeout: 503).", ["reason"], registry=r)
@@ -246,17 +246,13 @@ class Router:
                 tried.clear()
                 continue
             if not workers:
-                rejected = await self._hold_until_routable(deadline, send)
-                if rejected:
+                if await self._hold_until_routable(deadline, receive, send):
                     return
                 continue
             if not held_observed:
                 self.metrics.hold_seconds.observe(time.monotonic() - arrived)
                 held_observed = True
             choice = self.balancer.choose(workers, request.hashes, request.prompt_tokens)
-            self.metrics.decisions.labels(choice.reason).inc()
-            self.metrics.prefix_blocks.inc(len(request.hashes))
-            self.metrics.prefix_matched_blocks.inc(choice.matched_blocks)
             load, endpoint = self.loads[choice.worker], self.endpoints[choice.worker]
             attempts += 1
             prefill = _Prefill(load, self.balancer.uncached_tokens(choice, request.prompt_tokens))
@@ -279,6 +275,7 @@ class Router:
                     tried.add(choice.worker)
                     self._count_retry()
                     continue
+                self._sent(choice, request)
                 await _relay(response, receive, send, prefill.done)
                 return
             finally:
@@ -286,12 +283,21 @@ class Router:
                 load.in_flight -= 1
                 self.metrics.in_flight.dec()
 
+    def _sent(self, choice: Choice, request: RoutedRequest) -> None:
+        """Counted once per request, for the attempt whose response goes to the client."""
+        self.balancer.sent(choice, request.hashes)
+        self.metrics.decisions.labels(choice.reason).inc()
+        self.metrics.prefix_blocks.inc(len(request.hashes))
+        self.metrics.prefix_matched_blocks.inc(choice.matched_blocks)
+
     def _count_retry(self) -> None:
         self.retried += 1
         self.metrics.retries.inc()
 
-    async def _hold_until_routable(self, deadline: float, send) -> bool:
-        """Wait for a routable worker; answers 429/503 itself and returns True when the request is given up."""
+    async def _hold_until_routable(self, deadline: float, receive, send) -> bool:
+        """Wait for a routable worker. Returns True when the request is given up: answered 429 or 503 here, or
+        its client gone (a held request whose client left must not take a slot, count as demand or reach a
+        worker later)."""
         if self.held >= self.hold.max_requests:
             self.metrics.rejected.labels("queue-full").inc()
             await _error(send, 429, f"no ready worker and {self.held} requests already held", "rate_limit_exceeded",
@@ -301,13 +307,17 @@ class Router:
         if remaining > 0:
             self.held += 1
             self.metrics.held.inc()
-            changed = self._changed
+            changed, gone = asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(_disconnected(receive))
             try:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=remaining)
+                await asyncio.wait({changed, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self.held -= 1
                 self.metrics.held.dec()
+                for task in (changed, gone):
+                    task.cancel()
+                await asyncio.gather(changed, gone, return_exceptions=True)
+            if gone.done() and not gone.cancelled():
+                return True
         if self.routable():
             return False
         if time.monotonic() < deadline:
@@ -354,11 +364,7 @@ async def _relay(response: httpx.Response, receive, send, on_chunk=lambda chunk:
         except httpx.HTTPError:
             await send({"type": "http.response.body", "body": b""})
 
-    async def disconnected():
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    relay, watch = asyncio.ensure_future(pump()), asyncio.ensure_future(disconnected())
+    relay, watch = asyncio.ensure_future(pump()), asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -366,6 +372,12 @@ async def _relay(response: httpx.Response, receive, send, on_chunk=lambda chunk:
             task.cancel()
         await asyncio.gather(relay, watch, return_exceptions=True)
         await response.aclose()
+
+
+async def _disconnected(receive) -> None:
+    """Returns once the client has gone (the request body was read before: nothing else can arrive)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _plain(send, status: int, body: bytes, content_type: str = "application/json",

@@ -141,7 +141,9 @@ class Simulation:
             by_name = {r.name: r for r in self.routable}
             loads = [WorkerLoad(r.name, r.outstanding, r.queued_prefill_tokens, kv_usage=r.kv_usage)
                      for r in self.routable]
-            best = by_name[self.balancer.choose(loads, req.blocks or (), req.input_tokens).worker]
+            choice = self.balancer.choose(loads, req.blocks or (), req.input_tokens)
+            self.balancer.sent(choice, req.blocks or ())
+            best = by_name[choice.worker]
         best.advance(now)
         best.admit(req, now)
         self._schedule(best)
