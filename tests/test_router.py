@@ -369,3 +369,40 @@ def test_discovery_sends_the_token_the_kubernetes_client_holds_at_each_request()
     assert next(auth.auth_flow(request)).headers["Authorization"] == "Bearer first"
     configuration.api_key = {"authorization": "Bearer rotated"}  # what the in-cluster refresh hook does
     assert next(auth.auth_flow(httpx.Request("GET", "https://api/apis"))).headers["Authorization"] == "Bearer rotated"
+
+
+def test_a_client_that_leaves_before_the_worker_answers_cancels_the_request_in_the_worker():
+    class SlowWorker:
+        """Answers nothing until its client (the router) goes away; records that it went."""
+
+        def __init__(self):
+            self.disconnected = asyncio.Event()
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            while (await receive()).get("more_body"):
+                pass
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.disconnected.set()
+
+    async def scenario():
+        worker = SlowWorker()
+        router = Router("least-outstanding", load_refresh_s=0)
+        async with serving(worker) as w, serving(router) as front:
+            router.update([Endpoint("w", w)])
+            async with httpx.AsyncClient(timeout=0.5) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await impatient.post(f"{front}/v1/completions", json={**BODY, "stream": False})
+            await asyncio.wait_for(worker.disconnected.wait(), 10)  # the router closed its upstream request
+            for _ in range(200):
+                if router.loads["w"].in_flight == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert router.loads["w"].in_flight == 0 and router.loads["w"].prefill_tokens == 0
+
+    asyncio.run(scenario())

@@ -262,7 +262,9 @@ class Router:
                 upstream = self.client.build_request(request.method, endpoint.url + request.path,
                                                      headers=request.headers, content=request.body)
                 try:
-                    response = await self.client.send(upstream, stream=True)
+                    response = await _unless_client_leaves(self.client.send(upstream, stream=True), receive)
+                    if response is None:  # gone before the worker answered (a non-streamed request): cancelled
+                        return
                 except httpx.TransportError as exc:
                     if attempts >= ATTEMPTS:
                         return await _error(send, 502, f"no worker answered after {attempts} attempts ({exc!r})",
@@ -372,6 +374,22 @@ async def _relay(response: httpx.Response, receive, send, on_chunk=lambda chunk:
             task.cancel()
         await asyncio.gather(relay, watch, return_exceptions=True)
         await response.aclose()
+
+
+async def _unless_client_leaves(call, receive):
+    """The call's result, or None (the call cancelled) if the client disconnects first."""
+    work, gone = asyncio.ensure_future(call), asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, gone):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+    if work.cancelled() or not work.done():
+        await asyncio.gather(work, return_exceptions=True)
+        return None
+    return work.result()
 
 
 async def _disconnected(receive) -> None:
