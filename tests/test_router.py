@@ -139,6 +139,18 @@ async def serving(app):
         await task
 
 
+async def read_request(scope, receive, send) -> bool:
+    """A fake worker's ASGI prologue: answers the lifespan protocol (False), or reads a request's body (True)."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return False
+    while (await receive()).get("more_body"):
+        pass
+    return True
+
+
 class FakeWorker:
     """Answers completions as `name`; `refuse` answers 503 like a draining worker; `gate`, when set, holds the
     stream after its first chunk until the test has read that chunk through the router."""
@@ -148,13 +160,8 @@ class FakeWorker:
         self.gate: asyncio.Event | None = None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if not await read_request(scope, receive, send):
             return
-        while (await receive()).get("more_body"):
-            pass
         self.calls += 1
         if scope["path"] == "/metrics":
             body = b"vllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\ntideserve_kv_cache_capacity_tokens 64\n"
@@ -379,13 +386,8 @@ def test_a_client_that_leaves_before_the_worker_answers_cancels_the_request_in_t
             self.disconnected = asyncio.Event()
 
         async def __call__(self, scope, receive, send):
-            if scope["type"] == "lifespan":
-                while (await receive())["type"] != "lifespan.shutdown":
-                    await send({"type": "lifespan.startup.complete"})
-                await send({"type": "lifespan.shutdown.complete"})
+            if not await read_request(scope, receive, send):
                 return
-            while (await receive()).get("more_body"):
-                pass
             while (await receive())["type"] != "http.disconnect":
                 pass
             self.disconnected.set()
