@@ -32,6 +32,7 @@ import httpx
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from tideserve.autoscaler.control_loop import ControlLoop, Fleet, Tick
 from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.policy import PolicyConfig, TideservePolicy
 from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator
@@ -125,6 +126,10 @@ def _utc(seconds: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
 
 
+def _limits_dict(limits: tuple[int, int] | None) -> dict[str, int] | None:
+    return dict(zip(("maxNumSeqs", "maxNumBatchedTokens"), limits)) if limits else None
+
+
 def replace_patch(current: Any, desired: dict[str, Any]) -> dict[str, Any]:
     """A merge patch that makes a map equal to `desired`: keys it no longer has are removed (null)."""
     patch: dict[str, Any] = {key: None for key in (current if isinstance(current, dict) else {}) if key not in desired}
@@ -165,6 +170,7 @@ class DeploymentLoop:
         self.gone = False
         self.task: asyncio.Task | None = None
         self.ticks = 0
+        self._interval: dict[str, Any] = {}  # what one interval's sensing found, for its actuation
 
     @property
     def kube(self):
@@ -251,50 +257,74 @@ class DeploymentLoop:
             return interval
         if not await self._ensure_policy(llmd):
             return interval
-        now = time.time()
-        pods = [p for p in await self._owned_pods() if not source.is_terminating(p)]
-        ready = [p for p in pods if source.is_ready(p)]
-        collected = await self.autoscaler.collect(self.namespace, ready, interval)
-        samples = [ReplicaSample(p["metadata"]["name"], collected.times.get(p["metadata"]["name"], now),
-                                 source.is_ready(p), source.started_at(p),
-                                 collected.snapshots.get(p["metadata"]["name"])) for p in pods]
         runs_limits = autoscaler_runs_batch_limits(spec)
-        current = batch_limits(llmd) if runs_limits else dict(zip(("maxNumSeqs", "maxNumBatchedTokens"),
-                                                                     initial_batch_limits(spec)))
-        obs = self.aggregator.observe(
-            now, samples, desired_replicas=spec["replicas"],
-            pending_replicas=source.pending_count(pods, now, self.policy.startup_s),
-            max_num_seqs=current["maxNumSeqs"], max_num_batched_tokens=current["maxNumBatchedTokens"],
-            replica_startup_s=source.newest_startup_s(pods, self.memory.last_tick),
-            held_requests=await self._held_requests(spec))
-        self.memory.last_tick = now
-        decision = self.policy.decide(obs)
+        self._interval = {"llmd": llmd, "mode": mode, "interval": interval, "runs_limits": runs_limits}
+        loop = ControlLoop(self.policy, self, self, acting=mode == "active", manages_limits=runs_limits)
+        tick = await loop.tick(time.time())
         self.ticks += 1
-
-        chosen = current
-        scaled = False
-        act = mode == "active" and decision.apply and not obs.stale
-        if act and runs_limits:
-            chosen = {"maxNumSeqs": decision.max_num_seqs, "maxNumBatchedTokens": decision.max_num_batched_tokens}
-        if runs_limits or (spec["engine"]["kind"] == "tideserve"
-                           and llmd.get("status", {}).get("autoscaling", {}).get("batchLimits")):
-            # The limits the pods should run (after active -> advisory: the spec's again), to every pod that
-            # reports others (a new pod), and to all ready pods when they change now.
-            await self._push_limits(llmd, ready, collected, chosen, everyone=chosen != current)
-        # The reasoning goes to status first, so that reconcile finds it when it carries the new replicas to the
-        # Deployment (status.lastScalingDecision, the Scaled event).
-        llmd = await self._write_status(llmd, decision, obs, mode, chosen if runs_limits else None, _utc(now))
-        if act and decision.replicas != spec["replicas"]:
-            scaled = await self._scale(llmd, decision, pods)
-        for event in loop_status.decision_events(decision, mode, spec["replicas"], scaled, self.memory.recommendation,
-                                                 current if runs_limits else None, chosen if runs_limits else None):
+        llmd, decision, obs = self._interval["llmd"], tick.decision, tick.observation
+        before = _limits_dict(tick.fleet.limits) if runs_limits else None
+        after = _limits_dict(tick.actuation.limits) if runs_limits else None
+        for event in loop_status.decision_events(decision, mode, spec["replicas"], tick.actuation.scaled,
+                                                 self.memory.recommendation, before, after):
             self._event(llmd, event)
         self.memory.recommendation = decision.replicas
+        collected = self._interval["collected"]
         self.autoscaler.metrics.record(self.namespace, self.name, decision, obs,
-                                       len([p for p in ready if p["metadata"]["name"] in collected.errors]),
+                                       len([p for p in self._interval["ready"]
+                                            if p["metadata"]["name"] in collected.errors]),
                                        self.config, llmd.get("status", {}).get("conditions", []))
         await self.save(llmd)
         return min(interval, ZERO_POLL_SECONDS) if decision.replicas == 0 else interval
+
+    # --- the control loop's sensor and actuator (tideserve.autoscaler.control_loop), for one interval -------
+
+    async def fleet(self, now: float) -> Fleet:
+        """The worker pods and what they report (their metrics are read here: the limits they run decide
+        which need a push)."""
+        state, llmd = self._interval, self._interval["llmd"]
+        spec = llmd["spec"]
+        pods = [p for p in await self._owned_pods() if not source.is_terminating(p)]
+        ready = [p for p in pods if source.is_ready(p)]
+        collected = await self.autoscaler.collect(self.namespace, ready, state["interval"])
+        state.update(pods=pods, ready=ready, collected=collected, now=now)
+        limits = None  # vLLM, or the spec's limits that the pods started with: nothing to push
+        if state["runs_limits"]:
+            limits = batch_limits(llmd)
+        elif spec["engine"]["kind"] == "tideserve" and llmd.get("status", {}).get("autoscaling", {}).get("batchLimits"):
+            limits = dict(zip(("maxNumSeqs", "maxNumBatchedTokens"), initial_batch_limits(spec)))  # after active
+        views = [source.replica_view(p, now, collected.snapshots.get(p["metadata"]["name"])) for p in pods]
+        return Fleet(views, spec["replicas"], (limits["maxNumSeqs"], limits["maxNumBatchedTokens"]) if limits else None)
+
+    async def observe(self, now: float, fleet: Fleet, pending_replicas: int) -> Observation:
+        state, spec = self._interval, self._interval["llmd"]["spec"]
+        collected = state["collected"]
+        samples = [ReplicaSample(p["metadata"]["name"], collected.times.get(p["metadata"]["name"], now),
+                                 source.is_ready(p), source.started_at(p),
+                                 collected.snapshots.get(p["metadata"]["name"])) for p in state["pods"]]
+        seqs, tokens = fleet.limits or initial_batch_limits(spec)
+        obs = self.aggregator.observe(
+            now, samples, desired_replicas=spec["replicas"], pending_replicas=pending_replicas,
+            max_num_seqs=seqs, max_num_batched_tokens=tokens,
+            replica_startup_s=source.newest_startup_s(state["pods"], self.memory.last_tick),
+            held_requests=await self._held_requests(spec))
+        self.memory.last_tick = now
+        return obs
+
+    async def push_limits(self, limits: tuple[int, int], replicas: list[str]) -> None:
+        await self._push_limits(self._interval["llmd"], [p for p in self._interval["ready"]
+                                                         if p["metadata"]["name"] in replicas], limits)
+
+    async def report(self, tick: Tick) -> None:
+        """The reasoning goes to status first, so that reconcile finds it when it carries the new replicas to
+        the Deployment (status.lastScalingDecision, the Scaled event)."""
+        state = self._interval
+        limits = _limits_dict(tick.actuation.limits) if state["runs_limits"] else None
+        state["llmd"] = await self._write_status(state["llmd"], tick.decision, tick.observation, state["mode"],
+                                                 limits, _utc(state["now"]))
+
+    async def scale(self, replicas: int, drain: list[str]) -> bool:
+        return await self._scale(self._interval["llmd"], replicas, drain, self._interval["pods"])
 
     async def _held_requests(self, spec: dict[str, Any]) -> float:
         """Requests the router pods hold for lack of a ready worker (read from each ready router pod of the
@@ -344,18 +374,9 @@ class DeploymentLoop:
 
     # --- actuation ------------------------------------------------------------------------------------------
 
-    async def _push_limits(self, llmd: dict[str, Any], ready: list[dict[str, Any]], collected: source.Collected,
-                           limits: dict[str, int], everyone: bool = False) -> None:
-        """PUT the limits to every ready pod that reports running others; with `everyone`, also to the pods
-        whose metrics could not be read. A pod that refuses the current key's token gets the previous key's
+    async def _push_limits(self, llmd: dict[str, Any], targets: list[dict[str, Any]], limits: tuple[int, int]) -> None:
+        """PUT the limits to these pods. A pod that refuses the current key's token gets the previous key's
         (its Secret volume is not synced yet)."""
-        want = (limits["maxNumSeqs"], limits["maxNumBatchedTokens"])
-
-        def needs(pod: dict[str, Any]) -> bool:
-            snapshot = collected.snapshots.get(pod["metadata"]["name"])
-            return source.reported_limits(snapshot) != want if snapshot is not None else everyone
-
-        targets = [p for p in ready if needs(p)]
         if not targets:
             return
         client = await self.autoscaler.http()
@@ -366,7 +387,7 @@ class DeploymentLoop:
             refused = [i for i, error in enumerate(results) if error == source.UNAUTHORIZED]
             if not refused:
                 break
-            pushed = await asyncio.gather(*(source.put_batch_limits(client, targets[i], *want, timeout_s, token)
+            pushed = await asyncio.gather(*(source.put_batch_limits(client, targets[i], *limits, timeout_s, token)
                                             for i in refused))
             for i, error in zip(refused, pushed):
                 results[i] = error
@@ -393,17 +414,17 @@ class DeploymentLoop:
                 if exc.status != 404:  # a pod that is already gone needs no mark
                     raise
 
-    async def _scale(self, llmd: dict[str, Any], decision: Decision, pods: list[dict[str, Any]]) -> bool:
+    async def _scale(self, llmd: dict[str, Any], replicas: int, drain: list[str], pods: list[dict[str, Any]]) -> bool:
         """spec.replicas through the scale subresource (what `kubectl scale` and an HPA use: the only field this
         write can touch), under a resourceVersion precondition; a conflict re-reads and goes again only while
         spec.replicas is still what the decision was made from."""
         based_on = llmd["spec"]["replicas"]
-        if decision.replicas < based_on:
-            await self._mark_drain(pods, decision.drain)
+        if replicas < based_on:
+            await self._mark_drain(pods, drain)
         raw = llmd
         for _ in range(CONFLICT_RETRIES):
             patch = {"metadata": {"resourceVersion": raw["metadata"]["resourceVersion"]},
-                     "spec": {"replicas": decision.replicas}}
+                     "spec": {"replicas": replicas}}
             try:
                 await asyncio.to_thread(self.kube.merge_patch, self._path("scale"), patch)
                 return True
@@ -477,8 +498,8 @@ class DeploymentLoop:
         spec = dict(zip(("maxNumSeqs", "maxNumBatchedTokens"), initial_batch_limits(llmd["spec"])))
         if limits and limits != spec and llmd["spec"]["engine"]["kind"] == "tideserve":
             pods = await self._owned_pods()
-            await self._push_limits(llmd, [p for p in pods if source.is_ready(p)], source.Collected({}, {}, {}), spec,
-                                    everyone=True)
+            await self._push_limits(llmd, [p for p in pods if source.is_ready(p)],
+                                    (spec["maxNumSeqs"], spec["maxNumBatchedTokens"]))
 
         def build(current: dict[str, Any]) -> dict[str, Any]:
             status = current.get("status", {})

@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
-from tideserve.autoscaler.actuation import is_pending
-from tideserve.autoscaler.scrape import (CACHE_CONFIG, CACHE_CONFIG_LABELS, MetricsParseError, MetricsSnapshot,
+from tideserve.autoscaler.control_loop import ReplicaView
+from tideserve.autoscaler.scrape import (CACHE_CONFIG, CACHE_CONFIG_LABELS, RUNNING, WAITING, MetricsParseError, MetricsSnapshot,
                                          parse_exposition)
 from tideserve.operator.manifests import ADMIN_PORT, API_PORT, CONTAINER_NAME
 
@@ -100,16 +100,12 @@ def is_unschedulable(pod: dict[str, Any]) -> bool:
     return cond.get("status") == "False" and cond.get("reason") == "Unschedulable"
 
 
-def pending_count(pods: list[dict[str, Any]], now: float, expected_startup_s: float) -> int:
-    """Pods that asked for capacity and did not get it (tideserve.autoscaler.actuation.is_pending)."""
-    count = 0
-    for pod in pods:
-        if is_terminating(pod):
-            continue
-        created = parse_time(pod["metadata"].get("creationTimestamp"))
-        count += is_pending(is_ready(pod), is_unschedulable(pod), now - created if created is not None else 0.0,
-                            expected_startup_s)
-    return count
+def replica_view(pod: dict[str, Any], now: float, snapshot: MetricsSnapshot | None) -> ReplicaView:
+    """A worker pod as the control loop sees it (its pending rule: tideserve.autoscaler.control_loop)."""
+    created = parse_time(pod["metadata"].get("creationTimestamp"))
+    outstanding = sum(snapshot.value(name) or 0.0 for name in (RUNNING, WAITING)) if snapshot is not None else 0.0
+    return ReplicaView(pod["metadata"]["name"], is_ready(pod), now - created if created is not None else 0.0,
+                       is_unschedulable(pod), outstanding, reported_limits(snapshot))
 
 
 def newest_startup_s(pods: list[dict[str, Any]], since: float | None) -> float | None:

@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tideserve.autoscaler.control_loop import pending_count
 from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.perf_model import H100_8B
 from tideserve.autoscaler.policy import TideservePolicy
@@ -95,7 +96,8 @@ def test_pod_readiness_start_and_pending():
     overdue = pod("slow", ready=False, created=T - 2000)
     waiting = pod("gpu", ready=False, created=T - 5, unschedulable=True)
     going = pod("old", ready=False, created=T - 5000, deleting=True)
-    assert source.pending_count([pod(), fresh, overdue, waiting, going], T, expected_startup_s=600) == 2
+    live = [p for p in (pod(), fresh, overdue, waiting, going) if not source.is_terminating(p)]
+    assert pending_count([source.replica_view(p, T, None) for p in live], expected_startup_s=600) == 2
     assert source.newest_startup_s([pod("a", created=T - 300, ready_at=T - 100), pod("b", created=T - 90, ready_at=T - 30)],
                                    since=T - 50) == 60
     assert source.newest_startup_s([pod("a", ready_at=T - 100)], since=T - 50) is None

@@ -202,6 +202,8 @@ class WindowAggregator:
             problems.append("no earlier sample to take a window from yet")
         if not ready and desired_replicas > 0:
             problems.append("no ready replica")
+        # With no replica asked for there is nothing to measure: the router's held requests (fresh) are the
+        # whole window, also in the first one.
         for s in samples:
             if s.metrics is not None:
                 self._previous[s.name] = s
@@ -219,7 +221,7 @@ class WindowAggregator:
         return Observation(
             time=time, window_s=window_s, desired_replicas=desired_replicas, ready_replicas=len(ready),
             pending_replicas=pending_replicas, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, stale=bool(problems) or window_s <= 0,
+            max_num_batched_tokens=max_num_batched_tokens, stale=bool(problems) or (window_s <= 0 and bool(ready)),
             ttft=histograms.get(TTFT), itl=histograms.get(ITL[0]), tpot=histograms.get(TPOT),
             queue_time=histograms.get(QUEUE_TIME), prompt_tokens=histograms.get(PROMPT_TOKENS),
             generation_tokens=histograms.get(GENERATION_TOKENS), requests_finished=e2e.count if e2e is not None else 0.0,

@@ -33,8 +33,8 @@ import httpx
 import prometheus_client
 import uvicorn
 
-from tideserve.autoscaler.actuation import drain_order, is_pending
-from tideserve.autoscaler.observation import Decision
+from tideserve.autoscaler.control_loop import ControlLoop, Fleet, Limits, ReplicaView, Tick, drain_order
+from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.perf_model import StepTimeParams, fit_step_params
 from tideserve.autoscaler.policy import TideservePolicy
 from tideserve.autoscaler.scrape import (STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS, MetricsParseError,
@@ -46,6 +46,7 @@ from tideserve.local.replicas import WorkerProcess, free_port
 from tideserve.monitoring.prometheus import RULES_FILE, PrometheusServer, PrometheusUnavailable, ScrapeJob, write_targets
 from tideserve.operator import autoscaler_status as loop_status
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
+from tideserve.operator.status import autoscaler_runs_batch_limits
 from tideserve.router.server import Endpoint, HoldQueue, Router
 
 log = logging.getLogger("tideserve.local")
@@ -269,9 +270,9 @@ class LocalRuntime:
             await self._start_replica()
         excess = len(live) - target
         if excess > 0:
-            order = drain_order(live, set(drain_first), lambda r: r.ready, lambda r: r.name, self._in_flight)
-            for r in order[:excess]:
-                self._start_drain(r)
+            by_name = {r.name: r for r in live}
+            for view in drain_order(self._views(live, time.time()), drain_first)[:excess]:
+                self._start_drain(by_name[view.name])
         self.desired = target
 
     def _in_flight(self, replica: WorkerProcess) -> int:
@@ -293,21 +294,11 @@ class LocalRuntime:
         self.retired.append((replica.name, code))
         log.info("%s drained (exit code %s)", replica.name, code)
 
-    async def _push_limits(self) -> None:
-        """Every ready replica gets the current batch limits (new ones started with them already)."""
-        body = {"max_num_seqs": self.limits[0], "max_num_batched_tokens": self.limits[1]}
-        for r in self._routable():
-            if r.limits_pushed == self.limits:
-                continue
-            try:
-                response = await self.client.put(f"{r.admin_url}/admin/batch-limits", json=body,
-                                                 headers=self._admin_headers)
-                response.raise_for_status()
-                r.limits_pushed = self.limits
-            except httpx.HTTPError as exc:
-                log.warning("%s: batch limits not applied (%s); retrying next interval", r.name, exc)
-
     # --- the loop --------------------------------------------------------------------------------------
+
+    def _views(self, live: list[WorkerProcess], now: float) -> list[ReplicaView]:
+        return [ReplicaView(r.name, r.ready, now - r.created_at, outstanding=self._in_flight(r),
+                            limits=r.limits_pushed) for r in live]
 
     async def _sample(self, replica: WorkerProcess, now: float) -> ReplicaSample:
         metrics = None
@@ -328,7 +319,6 @@ class LocalRuntime:
                 if self.router.held and not self.desired and self.enabled and not self.config.advisory:
                     break  # requests wait at zero replicas: decide now, not at the end of the interval
                 await self._check_replicas()
-                await self._push_limits()
                 self._write_targets()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=min(1.0, max(0.0, next_at - time.monotonic())))
@@ -336,30 +326,14 @@ class LocalRuntime:
                 await self.control_once()
 
     async def control_once(self) -> Decision:
-        now = time.time()
-        live = [r for r in self.replicas if not r.draining]
-        samples = await asyncio.gather(*(self._sample(r, now) for r in live))
-        pending = sum(is_pending(r.ready, False, now - r.created_at, self.policy.startup_s) for r in live)
-        obs = self.aggregator.observe(now, list(samples), desired_replicas=self.desired, pending_replicas=pending,
-                                      max_num_seqs=self.limits[0], max_num_batched_tokens=self.limits[1],
-                                      replica_startup_s=self._last_startup, held_requests=self.router.held)
-        self._last_startup = None
-        decision = self.policy.decide(obs)
-        self.conditions = loop_status.merge_conditions(
-            self.conditions, loop_status.loop_conditions(decision, obs, self.config, self.conditions, None,
-                                                         datetime.datetime.now(datetime.timezone.utc)))
-        self.metrics.record(self.namespace, self.name, decision, obs,
-                            sum(1 for s in samples if s.ready and s.metrics is None), self.config, self.conditions)
-        if decision.action != "hold" or obs.stale:
-            log.info("%s: %s", decision.action, decision.reason)
-        if self.enabled and decision.apply:
-            self.limits = (decision.max_num_seqs, decision.max_num_batched_tokens)
-            if decision.replicas != self.desired:
-                await self.scale_to(decision.replicas, decision.drain)
-            await self._push_limits()
+        """One tick of the product's control loop, with this runtime as its sensor and actuator."""
+        loop = ControlLoop(self.policy, self, self, acting=self.enabled,
+                           manages_limits=autoscaler_runs_batch_limits(self.spec))
+        tick = await loop.tick(time.time())
+        decision, obs = tick.decision, tick.observation
         details = decision.details
         # The point shows the state the decision left: replicas and limits as set, latency as observed.
-        point = TimelinePoint(now, self.desired, obs.ready_replicas, *self.limits, details.get("ttft_p"),
+        point = TimelinePoint(obs.time, self.desired, obs.ready_replicas, *self.limits, details.get("ttft_p"),
                               details.get("tpot_p"), details.get("window_attainment"), obs.waiting, obs.running,
                               details.get("rate"), decision.action, decision.reason, obs.stale, obs.mbu,
                               {k: v for k, v in details.items() if isinstance(v, (int, float, str, type(None)))})
@@ -368,6 +342,50 @@ class LocalRuntime:
         if self.on_decision:
             self.on_decision(decision, point)
         return decision
+
+    # The control loop's sensor and actuator (tideserve.autoscaler.control_loop).
+
+    async def fleet(self, now: float) -> Fleet:
+        self._live = [r for r in self.replicas if not r.draining]
+        return Fleet(self._views(self._live, now), self.desired, self.limits)
+
+    async def observe(self, now: float, fleet: Fleet, pending_replicas: int) -> Observation:
+        self._samples = list(await asyncio.gather(*(self._sample(r, now) for r in self._live)))
+        obs = self.aggregator.observe(now, self._samples, desired_replicas=self.desired,
+                                      pending_replicas=pending_replicas, max_num_seqs=self.limits[0],
+                                      max_num_batched_tokens=self.limits[1], replica_startup_s=self._last_startup,
+                                      held_requests=self.router.held)
+        self._last_startup = None
+        return obs
+
+    async def push_limits(self, limits: Limits, replicas: list[str]) -> None:
+        self.limits = limits  # replicas started from now on get them on their command line
+        body = {"max_num_seqs": limits[0], "max_num_batched_tokens": limits[1]}
+        for r in self.replicas:
+            if r.name not in replicas:
+                continue
+            try:
+                response = await self.client.put(f"{r.admin_url}/admin/batch-limits", json=body,
+                                                 headers=self._admin_headers)
+                response.raise_for_status()
+                r.limits_pushed = limits
+            except httpx.HTTPError as exc:
+                log.warning("%s: batch limits not applied (%s); retrying next interval", r.name, exc)
+
+    async def report(self, tick: Tick) -> None:
+        decision, obs = tick.decision, tick.observation
+        self.conditions = loop_status.merge_conditions(
+            self.conditions, loop_status.loop_conditions(decision, obs, self.config, self.conditions, None,
+                                                         datetime.datetime.now(datetime.timezone.utc)))
+        self.metrics.record(self.namespace, self.name, decision, obs,
+                            sum(1 for s in self._samples if s.ready and s.metrics is None), self.config,
+                            self.conditions)
+        if decision.action != "hold" or obs.stale:
+            log.info("%s: %s", decision.action, decision.reason)
+
+    async def scale(self, replicas: int, drain: list[str]) -> bool:
+        await self.scale_to(replicas, drain)
+        return True
 
     # --- bootstrap profile -----------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tideserve.autoscaler.actuation import drain_order, is_pending
-from tideserve.autoscaler.observation import Decision, Observation, ReplicaState
+from tideserve.autoscaler.control_loop import ControlLoop, Fleet, Limits, ReplicaView, Tick
+from tideserve.autoscaler.observation import Observation, ReplicaState
 from tideserve.autoscaler.perf_model import H100_8B, StepTimeParams
 from tideserve.autoscaler.slo import Histogram
 from tideserve.buckets import TOKEN_COUNT_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
@@ -91,6 +91,8 @@ class Simulation:
         self.decisions = self.batch_changes = 0
         self.reasons: dict[str, int] = {}
         self._last_startup: float | None = None
+        self.now = 0.0  # the time of the control tick being run
+        self.loop = ControlLoop(policy, self, self, expected_startup_s=config.startup_s)
 
     # --- replicas ------------------------------------------------------------------------------------
 
@@ -163,18 +165,35 @@ class Simulation:
         self.w_in: list[float] = []
         self.w_out: list[float] = []
 
-    def _observe(self, now: float) -> Observation:
+    # The control loop is the product's (tideserve.autoscaler.control_loop); the simulation is its sensor and
+    # actuator, and neither ever waits, so each tick runs to completion without an event loop.
+
+    def _control(self, now: float) -> None:
+        tick = self.loop.tick(now)
+        try:
+            tick.send(None)
+        except StopIteration:
+            return
+        raise RuntimeError("the simulated sensor and actuator must not wait")
+
+    async def fleet(self, now: float) -> Fleet:
+        live = [ReplicaView(r.name, r.ready_at <= now, now - r.created, outstanding=r.outstanding,
+                            limits=(r.max_num_seqs, r.max_num_batched_tokens))
+                for r in self.replicas if not r.draining]
+        # Replicas waiting for a GPU are what Pending pods are in a cluster: asked for, refused by the scheduler.
+        live += [ReplicaView(r.name, False, now - r.created, unschedulable=True) for r in self.pending]
+        return Fleet(live, self.desired, (self.max_num_seqs, self.max_num_batched_tokens))
+
+    async def observe(self, now: float, fleet: Fleet, pending_replicas: int) -> Observation:
         steps = step_time = step_seqs = step_tokens = 0.0
         for r in self.replicas:
             r.advance(now)
             s = r.take_step_stats()
             steps, step_time, step_seqs, step_tokens = steps + s[0], step_time + s[1], step_seqs + s[2], step_tokens + s[3]
         ready = self._ready(now)
-        starting = [r for r in self.replicas if r.ready_at > now]
         obs = Observation(
             time=now, window_s=self.interval_s, desired_replicas=self.desired, ready_replicas=len(ready),
-            pending_replicas=len(self.pending) + sum(is_pending(False, False, now - r.created, self.config.startup_s)
-                                                     for r in starting),
+            pending_replicas=pending_replicas,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             ttft=Histogram.from_values(TTFT_EDGES, self.w_ttft),
             tpot=Histogram.from_values(TPOT_EDGES, self.w_tpot),
@@ -195,12 +214,22 @@ class Simulation:
         self._last_startup = None
         return obs
 
-    def _control(self, now: float) -> None:
-        obs = self._observe(now)
-        decision: Decision = self.policy.decide(obs)
+    async def push_limits(self, limits: Limits, replicas: list[str]) -> None:
+        if limits != (self.max_num_seqs, self.max_num_batched_tokens):
+            self.batch_changes += 1
+            self.max_num_seqs, self.max_num_batched_tokens = limits
+        pushed = set(replicas)
+        for r in self.replicas:
+            if r.name in pushed:
+                r.advance(self.now)
+                r.set_limits(*limits, self.now)
+                self._schedule(r)
+
+    async def report(self, tick: Tick) -> None:
+        decision, obs = tick.decision, tick.observation
         self.reasons[decision.action] = self.reasons.get(decision.action, 0) + 1
         tl = self.timeline
-        tl["time"].append(now)
+        tl["time"].append(obs.time)
         tl["desired"].append(self.desired)
         tl["ready"].append(obs.ready_replicas)
         tl["gpus"].append(self._gpus_held())
@@ -212,38 +241,23 @@ class Simulation:
         tl["waiting"].append(obs.waiting)
         self._window_reset()
         self._window_arrivals = 0
-        if decision.apply:
-            self._apply(decision, now)
 
-    def _apply(self, decision: Decision, now: float) -> None:
-        target = max(0, decision.replicas)
-        if target != self.desired:
-            self.decisions += 1
-        limits = (decision.max_num_seqs, decision.max_num_batched_tokens)
-        if limits != (self.max_num_seqs, self.max_num_batched_tokens):
-            self.batch_changes += 1
-            self.max_num_seqs, self.max_num_batched_tokens = limits
-            for r in self.replicas:
-                r.advance(now)
-                r.set_limits(*limits, now)
-                self._schedule(r)
-        live = [r for r in self.replicas if not r.draining]
-        while len(live) + len(self.pending) < target:
-            self._new_replica(now)
-            live = [r for r in self.replicas if not r.draining]
-        excess = len(live) + len(self.pending) - target
-        while excess > 0 and self.pending:  # cancel what has no GPU yet
-            self.pending.pop()
-            excess -= 1
-        if excess > 0:
-            order = drain_order(live, decision.drain, lambda r: r.ready_at <= now, lambda r: r.name,
-                                lambda r: r.outstanding)
-            for r in order[:excess]:
+    async def scale(self, replicas: int, drain: list[str]) -> bool:
+        now = self.now
+        self.decisions += 1
+        going = set(drain)
+        self.pending = [r for r in self.pending if r.name not in going]  # what has no GPU yet is simply cancelled
+        for r in self.replicas:
+            if r.name in going and not r.draining:
                 r.draining = True
                 if r in self.routable:
                     self.routable.remove(r)
-                self._retire_if_drained(r, now)
-        self.desired = target
+        for r in [r for r in self.replicas if r.name in going]:
+            self._retire_if_drained(r, now)
+        while len([r for r in self.replicas if not r.draining]) + len(self.pending) < replicas:
+            self._new_replica(now)
+        self.desired = replicas
+        return True
 
     # --- the run -------------------------------------------------------------------------------------
 
@@ -265,7 +279,7 @@ class Simulation:
             t_arrival = arrivals[i] if i < n else INF
             t_event = heap[0][0] if heap else INF
             if next_control <= t_arrival and next_control <= t_event:
-                now = next_control
+                now = self.now = next_control
                 self._control(now)
                 next_control += self.interval_s
                 continue
