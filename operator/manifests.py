@@ -154,12 +154,16 @@ def worker_args(llmd: dict[str, Any]) -> list[str]:
                  "--admin-token-file", f"{ADMIN_TOKEN_MOUNT}/{ADMIN_TOKEN_KEY}",
                  "--drain-timeout", str(engine["drainTimeoutSeconds"]),
                  "--device", "cuda" if resources["gpus"] > 0 else "cpu"]
+        if model["quantization"] != "none":
+            args += ["--quantization", model["quantization"]]
         if "apiKeySecret" in spec:
             args += ["--api-key-file", f"{API_KEYS_MOUNT}/{spec['apiKeySecret']['key']}"]
     else:  # vllm: one engine spans the pod's GPUs
         args += ["--tensor-parallel-size", str(resources["gpus"])]
         if model["quantization"] != "none":
             args += ["--quantization", model["quantization"]]
+    if engine["kvCacheDtype"] != "auto":
+        args += ["--kv-cache-dtype", engine["kvCacheDtype"]]
     return args + list(engine.get("extraArgs", []))
 
 

@@ -45,9 +45,11 @@ def validate(llmdeployment: dict[str, Any]) -> list[FieldError]:
         errors.append(FieldError("spec.model.source.credentialsSecret", "applies to uri sources only"))
     if "revision" in model and not source.get("uri", "").startswith("hf://"):
         errors.append(FieldError("spec.model.revision", "applies to hf:// sources only"))
-    if model["quantization"] != "none" and engine["kind"] != "vllm":
+    quantization = model["quantization"]
+    if quantization != "none" and (quantization == "int8" if engine["kind"] == "vllm" else quantization not in ("int8", "fp8")):
         errors.append(FieldError("spec.model.quantization",
-                                 "requires engine.kind vllm: the tideserve worker serves unquantized weights only"))
+                                 "the tideserve engine quantizes at load to int8 or fp8; awq, gptq and bitsandbytes "
+                                 "checkpoints need engine.kind vllm, which has no int8 method"))
     if engine["maxNumBatchedTokens"] < engine["maxNumSeqs"]:
         errors.append(FieldError("spec.engine.maxNumBatchedTokens",
                                  "must be at least engine.maxNumSeqs: every running sequence needs one token per step"))

@@ -118,6 +118,16 @@ def test_vllm_worker_follows_the_vllm_openai_conventions():
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"  # vLLM has no /ready
 
 
+def test_quantization_and_the_kv_cache_dtype_reach_either_engine():
+    args = worker(llmd("examples/full.yaml"))["args"]
+    assert args[args.index("--quantization") + 1] == "int8" and args[args.index("--kv-cache-dtype") + 1] == "fp8"
+    vllm = llmd("examples/vllm.yaml")
+    vllm["spec"]["engine"]["kvCacheDtype"] = "fp8"
+    assert worker(vllm)["args"][worker(vllm)["args"].index("--kv-cache-dtype") + 1] == "fp8"
+    plain = worker(llmd())["args"]
+    assert "--quantization" not in plain and "--kv-cache-dtype" not in plain
+
+
 def test_admin_port_is_on_the_pod_never_on_the_service():
     obj = llmd()
     assert {"name": "admin", "containerPort": 8001, "protocol": "TCP"} in worker(obj)["ports"]

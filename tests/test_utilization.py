@@ -92,7 +92,7 @@ def test_a_tied_lm_head_is_read_once():
         def get_output_embeddings(self):
             return self.embed  # the head is the embedding table
 
-    f = ModelFootprint.of(Tied(), num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, kv_dtype=torch.float32)
+    f = ModelFootprint.of(Tied(), num_layers=1, num_heads=2, kv_bytes_per_slot=2 * 1 * 4 * 4, head_dim=4)
     assert f.weight_bytes == 4 * (100 * 8 + 64) and f.head_params == 800 and f.body_params == 64
 
 

@@ -12,6 +12,8 @@ class EngineConfig:
     model: str
     served_model_name: str | None = None
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    quantization: str = "none"  # none | int8 | fp8: the linear layers' weights (worker/quantization.py)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3 with per-token scales)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     # Batch limits: both can be changed while serving (see LLMEngine.set_batch_limits).
@@ -38,6 +40,10 @@ class EngineConfig:
             raise ValueError(f"batching_mode must be one of {BATCHING_MODES}, got {self.batching_mode!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "fp8"):
+            raise ValueError(f"quantization must be none, int8 or fp8, got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -83,7 +83,7 @@ class LLMEngine:
         self.metrics.kv_capacity_tokens.set(self.runner.num_blocks * config.block_size)
         runner = self.runner
         self.footprint = ModelFootprint.of(runner.model, runner.num_layers, runner.hf_config.num_attention_heads,
-                                           runner.num_kv_heads, runner.head_dim, runner.dtype)
+                                           runner.kv_bytes_per_slot, runner.head_dim)
         self.peak = self._device_peak(config)
         self.metrics.peak_bandwidth.set(self.peak.bytes_per_s)
         self.metrics.peak_flops.set(self.peak.flops_per_s)

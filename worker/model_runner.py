@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tideserve.worker import quantization
 from tideserve.worker.config import EngineConfig
+from tideserve.worker.quantization import KVLayer
 from tideserve.worker.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -48,26 +50,28 @@ class DecodeGroup:
 class PagedBatch:
     """Step metadata computed once and shared by every layer's attention call."""
 
-    kv_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V pools [num_slots, kv_heads, head_dim]
+    kv_cache: list[KVLayer]  # per layer: K and V pools [num_slots, kv_heads, head_dim]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSlice] = field(default_factory=list)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry: query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None)."""
-    batch: PagedBatch = kwargs["paged_batch"]
-    k_pool, v_pool = batch.kv_cache[module.layer_idx]
-    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D]
-    k_pool.index_copy_(0, batch.slot_mapping, new_k.to(k_pool.dtype))
-    v_pool.index_copy_(0, batch.slot_mapping, new_v.to(v_pool.dtype))
+    """AttentionInterface entry: query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None).
+    Without a paged batch (the quantization gate's reference pass) it is the model's plain causal attention."""
+    batch: PagedBatch | None = kwargs.get("paged_batch")
+    if batch is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    layer = batch.kv_cache[module.layer_idx]
+    layer.write(batch.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))  # [T, KVH, D]
     q = query[0]  # [H, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
-    gqa = q.shape[0] != k_pool.shape[1]
+    gqa = q.shape[0] != layer.k.shape[1]
     for group in batch.decodes:
         dq = q[:, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        dk = _gather(k_pool, group.kv_slots).permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, ctx, D]
-        dv = _gather(v_pool, group.kv_slots).permute(0, 2, 1, 3).to(q.dtype)
+        dk, dv = (t.permute(0, 2, 1, 3) for t in layer.gather(group.kv_slots, q.dtype))  # [B, KVH, ctx, D]
         o = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=group.mask, scale=scaling, enable_gqa=gqa)
         out[group.rows] = o.squeeze(2)
     for p in batch.prefills:
@@ -75,18 +79,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         if p.mask is None:  # the chunk is the whole context: use this step's K/V directly
             pk, pv = key[:, :, p.q_start : p.q_end], value[:, :, p.q_start : p.q_end]
         else:
-            pk = _gather(k_pool, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
-            pv = _gather(v_pool, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            pk, pv = (t.transpose(0, 1).unsqueeze(0) for t in layer.gather(p.kv_slots, q.dtype))
         o = F.scaled_dot_product_attention(
             pq, pk, pv, attn_mask=p.mask, is_causal=p.mask is None, scale=scaling, enable_gqa=gqa
         )
         out[p.q_start : p.q_end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
-
-
-def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """pool[slots] for slots of any shape; index_select copies about 1.5x faster than advanced indexing on CPU."""
-    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
 
 
 def _register_attention() -> None:
@@ -142,6 +140,7 @@ class ModelRunner:
 
         _register_attention()
         self.device = resolve_device(config.device)
+        self.model_dir = model_dir
         hf_config = AutoConfig.from_pretrained(model_dir)
         text_config = hf_config.get_text_config()
         self.dtype = resolve_dtype(config.dtype, self.device, getattr(text_config, "dtype", None))
@@ -157,23 +156,67 @@ class ModelRunner:
         self.head_dim = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
+        self.kv_fp8 = config.kv_cache_dtype == "fp8"
         self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gb)
         slots = self.num_blocks * self.block_size
-        self.kv_cache = [
-            tuple(
-                torch.zeros(slots, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
-                for _ in range(2)
-            )
-            for _ in range(self.num_layers)
-        ]
+        self.kv_cache = [KVLayer(slots, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.kv_fp8)
+                         for _ in range(self.num_layers)]
+        self.quality: quantization.Quality | None = None
+        if config.quantization != "none" or self.kv_fp8:
+            self.quality = self._quantize(config.quantization)
         log.info(
-            "model %s on %s (%s): %d KV blocks of %d tokens", model_dir, self.device, self.dtype, self.num_blocks,
-            self.block_size,
+            "model %s on %s (%s, weights %s, KV cache %s): %d KV blocks of %d tokens", model_dir, self.device,
+            self.dtype, config.quantization, config.kv_cache_dtype, self.num_blocks, self.block_size,
         )
 
     @property
+    def kv_bytes_per_slot(self) -> int:
+        """K and V of one token in one layer, scales included."""
+        return KVLayer.bytes_per_slot(self.num_kv_heads, self.head_dim, self.dtype, self.kv_fp8)
+
+    @property
     def block_bytes(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return self.num_layers * self.block_size * self.kv_bytes_per_slot
+
+    def _quantize(self, mode: str) -> quantization.Quality:
+        """Quantize the weights (mode int8/fp8; "none" with an FP8 KV cache) behind the quality gate: the text's
+        next-token logits of the unquantized weights just loaded (plain attention, no cache) against those the
+        server computes now (quantized weights, the paged KV cache at its dtype)."""
+        token_ids = self._gate_tokens()
+        reference = quantization.score(self.model, token_ids, self.device)
+        if mode != "none":
+            quantization.quantize_linears(self.model, mode)
+        quality = quantization.compare(reference, self.score(token_ids), token_ids)
+        what = f"quantization {mode}, KV cache {'fp8' if self.kv_fp8 else 'auto'}"
+        if quality.agreement < quantization.MIN_AGREEMENT:
+            raise quantization.QuantizationRefused(
+                f"{what} refused: {quality.describe()}, below the {quantization.MIN_AGREEMENT:.0%} bound of "
+                "greedy-token agreement with the unquantized model")
+        log.info("%s: %s", what, quality.describe())
+        return quality
+
+    def _gate_tokens(self) -> list[int]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        ids = tokenizer(quantization.gate_text())["input_ids"][: quantization.GATE_TOKENS]
+        return ids[: self.num_blocks * self.block_size]
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk: int = 16) -> torch.Tensor:
+        """Next-token logits at every position of one text, computed as the server computes a prompt: chunks
+        through the paged KV cache (every chunk after the first reads the cached context back). Uses the pool's
+        first blocks: only before serving starts."""
+        from tideserve.worker.sequence import SamplingParams, Sequence
+
+        seq = Sequence(token_ids, SamplingParams(max_tokens=1), request_id="quality-gate")
+        seq.block_table = list(range(-(-len(token_ids) // self.block_size)))
+        logits = []
+        for start in range(0, len(token_ids), chunk):
+            n = min(chunk, len(token_ids) - start)
+            seq.num_computed_tokens = start
+            logits.append(self.run(ScheduledBatch([seq], [n]), list(range(n))).float())
+        return torch.cat(logits)
 
     def _blocks_for_memory(self, gigabytes: float) -> int:
         return max(1, int(gigabytes * 2**30 // self.block_bytes))

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the admin API (batch limits) listens here; beyond loopback only with an admin token")
     parser.add_argument("--admin-port", type=int, default=8001)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "fp8"],
+                        help="quantize the linear layers' weights at load (behind a quality gate: worker/quantization.py)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: K/V stored in e4m3 with per-token scales (about 4x the float32 tokens per GB)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -66,6 +70,8 @@ def engine_config_from_args(args: argparse.Namespace):
         model=args.model,
         served_model_name=args.served_model_name,
         dtype=args.dtype,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
@@ -179,8 +185,14 @@ def run(args: argparse.Namespace) -> int:
     from tideserve.worker.api import ServerState
     from tideserve.worker.engine import LLMEngine
 
+    from tideserve.worker.quantization import QuantizationRefused
+
     config = engine_config_from_args(args)
-    engine = LLMEngine(config)
+    try:
+        engine = LLMEngine(config)
+    except QuantizationRefused as exc:  # never served: the pod fails to start and says why
+        print(f"tideserve serve: {exc}", file=sys.stderr)
+        return 3
     state = ServerState(
         api_keys=frozenset(read_secrets("TIDESERVE_API_KEY", args.api_key_file)),
         admin_token=admin_token,

@@ -28,22 +28,30 @@ class ModelFootprint:
     weight_bytes: int  # read by every step
     body_params: int  # weights of the transformer layers (2 FLOPs each per token computed)
     head_params: int  # weights of the LM head (2 FLOPs each per sampled row)
-    kv_bytes_per_token: int  # K and V of one token over all layers, at the cache's dtype
+    kv_bytes_per_token: int  # K and V of one token over all layers, at the cache's dtype (FP8: with scales)
     attention_flops_per_pair: int  # per (query token, context token): QK^T and AV over all layers
 
     @classmethod
-    def of(cls, model: torch.nn.Module, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-           kv_dtype: torch.dtype) -> "ModelFootprint":
+    def of(cls, model: torch.nn.Module, num_layers: int, num_heads: int, kv_bytes_per_slot: int,
+           head_dim: int) -> "ModelFootprint":
+        """kv_bytes_per_slot: K and V of one token in one layer, at the cache's dtype (with its scales)."""
+        from tideserve.worker.quantization import QuantizedLinear
+
         embedding = model.get_input_embeddings().weight
-        head = model.get_output_embeddings().weight
+        head_module = model.get_output_embeddings()
+        quantized = isinstance(head_module, QuantizedLinear)
+        head = head_module.qweight if quantized else head_module.weight
         params = {id(p): p for p in model.parameters()}  # a tied head is one tensor
+        # Quantized layers hold their weights and scales as buffers, at their stored dtype.
+        stored = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        weight_bytes += sum(t.numel() * t.element_size() for m in stored for t in (m.qweight, m.scale))
         if head is not embedding:
             weight_bytes -= embedding.numel() * embedding.element_size()
         body = sum(p.numel() for p in params.values() if p is not embedding and p is not head)
+        body += sum(m.qweight.numel() for m in stored if m is not head_module)
         return cls(weight_bytes=weight_bytes, body_params=body, head_params=head.numel(),
-                   kv_bytes_per_token=2 * num_layers * num_kv_heads * head_dim * kv_dtype.itemsize,
-                   attention_flops_per_pair=4 * num_layers * num_heads * head_dim)
+                   kv_bytes_per_token=num_layers * kv_bytes_per_slot, attention_flops_per_pair=4 * num_layers * num_heads * head_dim)
 
     def step_cost(self, chunks: list[tuple[int, int]], sampled_rows: int) -> tuple[int, int]:
         """(bytes, FLOPs) of a step that computes, per sequence, `n` new tokens after `start` cached ones."""

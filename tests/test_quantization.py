@@ -1,0 +1,113 @@
+"""Weight quantization (int8, fp8), the FP8 KV cache and the quality gate, on real kernels: the layers against
+float matmuls, the cache's capacity and round trip, the gate serving SmolLM2 in int8 and refusing a broken
+quantization, the step's bytes at the stored dtypes, and the flags from `tideserve serve` to the engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tideserve.worker import quantization
+from tideserve.worker.config import EngineConfig
+from tideserve.worker.engine import LLMEngine
+from tideserve.worker.quantization import Fp8Linear, Int8Linear, KVLayer, QuantizationRefused
+from tideserve.worker.sequence import SamplingParams
+
+
+def linear(out_features=96, in_features=64, bias=True):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    return layer
+
+
+@pytest.mark.parametrize("cls,bound", [(Int8Linear, 0.01), (Fp8Linear, 0.08)])
+def test_a_quantized_linear_matches_the_float_one_within_its_precision(cls, bound):
+    layer = linear()
+    x = torch.randn(5, 3, 64)
+    exact = layer(x)
+    q = cls(layer)
+    y = q(x)
+    assert y.shape == exact.shape and y.dtype == exact.dtype
+    assert ((y - exact).norm() / exact.norm()).item() < bound
+    assert q.qweight.element_size() == 1 and q.qweight.shape == (96, 64)
+
+
+def test_int8_refuses_nothing_silently_and_replaces_every_linear():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(8, 4)))
+    model.config = type("C", (), {"tie_word_embeddings": True})()
+    assert quantization.quantize_linears(model, "int8") == 2
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules()) and not model.config.tie_word_embeddings
+    with pytest.raises(ValueError, match="int8"):
+        quantization.quantize_linears(model, "int4")
+
+
+def test_the_fp8_kv_cache_round_trips_within_e4m3_and_holds_about_four_times_the_fp32_tokens():
+    # SmolLM2's KV shape: 3 KV heads of 64.
+    assert KVLayer.bytes_per_slot(3, 64, torch.float32, fp8=False) / KVLayer.bytes_per_slot(3, 64, torch.float32, True) >= 3.9
+    assert KVLayer.bytes_per_slot(3, 64, torch.bfloat16, False) / KVLayer.bytes_per_slot(3, 64, torch.bfloat16, True) >= 1.9
+    layer = KVLayer(32, 3, 64, torch.float32, torch.device("cpu"), fp8=True)
+    k, v = torch.randn(4, 3, 64) * 5, torch.randn(4, 3, 64) * 0.01  # per-token scales: any magnitude
+    slots = torch.tensor([7, 1, 30, 2])
+    layer.write(slots, k, v)
+    got_k, got_v = layer.gather(slots.view(2, 2), torch.float32)
+    assert got_k.shape == (2, 2, 3, 64)
+    for got, want in ((got_k.view(4, 3, 64), k), (got_v.view(4, 3, 64), v)):
+        assert ((got - want).abs() <= 0.07 * want.abs().amax(dim=(1, 2), keepdim=True)).all()
+
+
+def test_the_engine_serves_smollm2_in_int8_with_the_gates_report_and_counts_its_bytes():
+    engine = LLMEngine(EngineConfig(model="smollm2", dtype="float32", quantization="int8", num_kv_blocks=64, max_model_len=512))
+    quality = engine.runner.quality
+    assert quality.agreement >= 0.9 and abs(quality.perplexity / quality.reference_perplexity - 1) < 0.05
+    # Every linear weight is read at one byte a step, plus its bfloat16 scales; the tied embedding table only
+    # by the rows looked up.
+    stored = [m for m in engine.runner.model.modules() if isinstance(m, Int8Linear)]
+    norms = sum(p.numel() * 4 for n, p in engine.runner.model.named_parameters() if "norm" in n)
+    assert engine.footprint.weight_bytes == sum(m.qweight.numel() + 2 * m.scale.numel() for m in stored) + norms
+    engine.submit("a", engine.tokenizer("The capital of France is")["input_ids"],
+                  SamplingParams(max_tokens=8, temperature=0.0))
+    tokens = []
+    while engine.has_work():
+        for out in engine.step():
+            tokens += out.token_ids
+    assert len(tokens) == 8
+
+
+def test_an_fp8_kv_cache_holds_four_times_the_tokens_in_the_same_memory():
+    plain = LLMEngine(EngineConfig(model="smollm2", dtype="float32", kv_cache_memory_gb=0.25, max_model_len=1024))
+    fp8 = LLMEngine(EngineConfig(model="smollm2", dtype="float32", kv_cache_memory_gb=0.25, kv_cache_dtype="fp8",
+                                    max_model_len=1024))
+    assert fp8.runner.num_blocks >= 3.9 * plain.runner.num_blocks
+    assert fp8.metrics.kv_capacity_tokens._value.get() == fp8.runner.num_blocks * 16
+    assert fp8.runner.quality.agreement >= 0.9
+
+
+def test_the_gate_refuses_a_quantization_that_changes_the_model(monkeypatch):
+    real = Int8Linear.__init__
+
+    def broken(self, layer):  # every channel's scale off by 2x: a kernel that misreads its layout
+        real(self, layer)
+        self.scale.mul_(2)
+
+    monkeypatch.setattr(Int8Linear, "__init__", broken)
+    with pytest.raises(QuantizationRefused, match="greedy agreement .* below the 85% bound"):
+        LLMEngine(EngineConfig(model="smollm2", dtype="float32", quantization="int8", num_kv_blocks=64, max_model_len=512))
+
+
+def test_serve_takes_the_flags_and_refuses_bad_values():
+    from tideserve.worker.server import add_arguments, engine_config_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = engine_config_from_args(parser.parse_args(["--model", "tiny", "--quantization", "int8",
+                                                        "--kv-cache-dtype", "fp8"]))
+    assert (config.quantization, config.kv_cache_dtype) == ("int8", "fp8")
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(model="tiny", quantization="int4")
+    result = subprocess.run([sys.executable, "-m", "tideserve", "serve", "--model", "tiny", "--kv-cache-dtype", "int4"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--kv-cache-dtype" in result.stderr

@@ -1,0 +1,189 @@
+"""Weight quantization of a loaded model's linear layers, its FP8 KV cache, and the quality gate that refuses a
+quantization that changes the model too much.
+
+- int8: weight-only, symmetric per output channel, through torch's int8 weight-pack matmul
+  (torch._weight_int8pack_mm, on CPU and CUDA). Its CPU kernel is vectorized for 16-bit activations only
+  (with float32 activations it runs several times slower than the float32 matmul it replaces), so on the CPU
+  activations enter it in bfloat16 and the result goes back to the model's dtype.
+- fp8: e4m3 weights with per-channel scales, activations quantized per token on the fly, through
+  torch._scaled_mm with row-wise scales (Hopper's FP8 GEMM; on this CPU the same call runs, slowly: it is
+  there for the quality report and for CUDA).
+- FP8 KV cache (KVLayer): K/V stored in e4m3 with one float32 scale per token and layer (shared by the token's
+  KV heads), so the same memory holds about 4x the tokens of float32 and 2x those of bfloat16, less the scales.
+
+The gate runs when the engine starts with a quantization: before quantizing, the unquantized weights just
+loaded score a fixed text (teacher forcing: every position's next-token logits); after, the quantized model
+scores it again. A mode whose greedy-token agreement falls below MIN_AGREEMENT is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+
+WEIGHT_MODES = ("int8", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+# The gate's bound: share of positions whose greedy next token is unchanged. Per-channel int8 of SmolLM2 keeps
+# about 95% (docs/benchmarks.md); a broken quantization (wrong scales, a kernel that misreads its layout) keeps
+# a few percent.
+MIN_AGREEMENT = 0.85
+GATE_TOKENS = 256  # the gate scores the first this many tokens of the text
+
+
+class QuantizedLinear(torch.nn.Module):
+    """A linear layer whose weight is stored quantized (`qweight`) with per-output-channel `scale`s."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qweight={self.qweight.dtype}"
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(QuantizedLinear):
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        # The activations' dtype on the kernel: 16-bit (see the module's docstring).
+        self.compute_dtype = torch.bfloat16 if linear.weight.dtype == torch.float32 else linear.weight.dtype
+        self.register_buffer("scale", scale.to(self.compute_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        return self._finish(x, torch._weight_int8pack_mm(rows, self.qweight, self.scale))
+
+
+class Fp8Linear(QuantizedLinear):
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        self.register_buffer("qweight", (weight / scale[:, None]).to(FP8))
+        self.register_buffer("scale", scale[None, :].contiguous())  # [1, out]: row-wise scales of _scaled_mm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        y = torch._scaled_mm((rows / x_scale).to(FP8), self.qweight.t(), scale_a=x_scale, scale_b=self.scale,
+                             out_dtype=torch.float32)
+        return self._finish(x, y)
+
+
+_LINEARS = {"int8": Int8Linear, "fp8": Fp8Linear}
+
+
+def quantize_linears(model: torch.nn.Module, mode: str) -> int:
+    """Replace every nn.Linear (the LM head too: at batch 1 it is a fifth of SmolLM2's bytes) in place; returns
+    how many. A head tied to the input embeddings keeps the embedding table as it was."""
+    if mode not in _LINEARS:
+        raise ValueError(f"quantization must be one of {WEIGHT_MODES}, got {mode!r}")
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, _LINEARS[mode](child))
+                replaced += 1
+    if hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False  # the head is its own tensor now: never re-tie it
+    return replaced
+
+
+# --- the KV cache -----------------------------------------------------------------------------------------
+
+
+class KVLayer:
+    """One layer's K and V pools, [num_slots, kv_heads, head_dim], at the cache's dtype; with FP8, stored as
+    bytes (the CPU has no index_copy for float8 types) with one scale per slot."""
+
+    def __init__(self, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 fp8: bool):
+        self.fp8 = fp8
+        storage = torch.uint8 if fp8 else dtype
+        self.k, self.v = (torch.zeros(num_slots, kv_heads, head_dim, dtype=storage, device=device) for _ in range(2))
+        self.k_scale, self.v_scale = ((torch.ones(num_slots, dtype=torch.float32, device=device) for _ in range(2))
+                                      if fp8 else (None, None))
+
+    @staticmethod
+    def bytes_per_slot(kv_heads: int, head_dim: int, dtype: torch.dtype, fp8: bool) -> int:
+        """K and V of one token in one layer."""
+        return 2 * (kv_heads * head_dim + 4 if fp8 else kv_heads * head_dim * dtype.itemsize)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, kv_heads, head_dim] of the tokens going to `slots`."""
+        for pool, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if not self.fp8:
+                pool.index_copy_(0, slots, new.to(pool.dtype))
+                continue
+            scale = new.float().abs().amax(dim=(1, 2)).clamp(min=1e-12) / FP8_MAX
+            pool.index_copy_(0, slots, (new.float() / scale[:, None, None]).to(FP8).view(torch.uint8))
+            scales.index_copy_(0, slots, scale)
+
+    def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` (any shape) -> [*slots.shape, kv_heads, head_dim] in `dtype`."""
+        flat = slots.reshape(-1)
+        out = []
+        for pool, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            # index_select copies about 1.5x faster than advanced indexing on CPU.
+            values = pool.index_select(0, flat)
+            if self.fp8:
+                values = values.view(FP8).to(dtype) * scales.index_select(0, flat).to(dtype)[:, None, None]
+            out.append(values.to(dtype).view(*slots.shape, *pool.shape[1:]))
+        return out[0], out[1]
+
+
+# --- quality ----------------------------------------------------------------------------------------------
+
+
+def gate_text() -> str:
+    """The gate's and the benchmark's text: public domain (tideserve/data/text/README.md)."""
+    return resources.files("tideserve").joinpath("data/text/gettysburg.txt").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Quality:
+    agreement: float  # share of positions whose greedy next token is the reference's
+    max_logit_error: float
+    mean_logit_error: float
+    perplexity: float
+    reference_perplexity: float
+
+    def describe(self) -> str:
+        return (f"greedy agreement {self.agreement:.1%}, logit error max {self.max_logit_error:.3f} mean "
+                f"{self.mean_logit_error:.4f}, perplexity {self.perplexity:.2f} (unquantized "
+                f"{self.reference_perplexity:.2f})")
+
+
+@torch.inference_mode()
+def score(model: torch.nn.Module, token_ids: list[int], device: torch.device) -> torch.Tensor:
+    """Next-token logits at every position of one text, in float32 (the model's own attention: no KV cache)."""
+    ids = torch.tensor([token_ids], device=device)
+    return model(input_ids=ids, use_cache=False, paged_batch=None).logits[0].float()
+
+
+def compare(reference: torch.Tensor, logits: torch.Tensor, token_ids: list[int]) -> Quality:
+    targets = torch.tensor(token_ids[1:], device=logits.device)
+
+    def perplexity(lg: torch.Tensor) -> float:
+        return math.exp(F.cross_entropy(lg[:-1], targets).item())
+
+    error = (logits - reference).abs()
+    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return Quality(agreement, error.max().item(), error.mean().item(), perplexity(logits), perplexity(reference))
+
+
+class QuantizationRefused(ValueError):
+    """The quantized model is too far from the unquantized one to be served."""
