@@ -156,6 +156,8 @@ def worker_args(llmd: dict[str, Any]) -> list[str]:
                  "--device", "cuda" if resources["gpus"] > 0 else "cpu"]
         if model["quantization"] != "none":
             args += ["--quantization", model["quantization"]]
+        if resources["gpus"] > 1:  # one rank per GPU of the pod
+            args += ["--tensor-parallel-size", str(resources["gpus"])]
         if "apiKeySecret" in spec:
             args += ["--api-key-file", f"{API_KEYS_MOUNT}/{spec['apiKeySecret']['key']}"]
     else:  # vllm: one engine spans the pod's GPUs

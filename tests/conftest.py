@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import threading
 import time
 from contextlib import contextmanager, suppress
 
 import httpx
 import pytest
+
+from tideserve.ports import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -106,12 +107,6 @@ def tiny_model_dir(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("model-cache")
     return str(resolve_model("tiny", cache_dir=cache))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningWorker:

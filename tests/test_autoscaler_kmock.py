@@ -22,7 +22,7 @@ import pytest_asyncio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from tideserve.ports import free_port
 from kube_fixtures import RunningOperator, api, chart_rbac, eventually, fast_key_checks, operator, requests_as_rbac, write_kubeconfig  # noqa: F401
 from test_chart import CRD_DISCOVERY, WORKLOAD
 from tideserve.operator import autoscaler_state

@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from conftest import free_port
+from tideserve.ports import free_port
 
 
 def start_worker(model_dir: str, tmp_path, *extra: str):

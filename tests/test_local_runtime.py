@@ -16,7 +16,8 @@ from tideserve.bench.loadgen import BenchConfig, run_benchmark
 from tideserve.local import deployment
 from tideserve.autoscaler.spec import initial_batch_limits
 from tideserve.local.demo import DEMO_YAML, DemoLoad, single_replica_rate
-from tideserve.local.replicas import WorkerProcess, free_port
+from tideserve.local.replicas import WorkerProcess
+from tideserve.ports import free_port
 from tideserve.local.runtime import LocalRuntime
 from tideserve.traces import TraceRequest, load_trace, scale_tokens
 

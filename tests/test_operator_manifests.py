@@ -128,6 +128,15 @@ def test_quantization_and_the_kv_cache_dtype_reach_either_engine():
     assert "--quantization" not in plain and "--kv-cache-dtype" not in plain
 
 
+def test_a_tideserve_pod_with_several_gpus_runs_one_rank_per_gpu():
+    obj = llmd()
+    obj["spec"]["resources"]["gpus"] = 4
+    args = worker(obj)["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    obj["spec"]["resources"]["gpus"] = 1
+    assert "--tensor-parallel-size" not in worker(obj)["args"]
+
+
 def test_admin_port_is_on_the_pod_never_on_the_service():
     obj = llmd()
     assert {"name": "admin", "containerPort": 8001, "protocol": "TCP"} in worker(obj)["ports"]

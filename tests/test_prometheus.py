@@ -29,7 +29,7 @@ from tideserve.autoscaler.policy import TideservePolicy
 from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator
 from tideserve.autoscaler.spec import policy_config
 from tideserve.local import deployment
-from tideserve.local.replicas import free_port
+from tideserve.ports import free_port
 from tideserve.local.runtime import LocalRuntime
 from tideserve.monitoring import dashboard
 from tideserve.monitoring.prometheus import RULES_FILE, PrometheusServer, ScrapeJob, write_targets

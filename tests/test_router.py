@@ -12,7 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tideserve.local.replicas import free_port
+from tideserve.ports import free_port
 from tideserve.router.balancer import Balancer, Choice, PrefixIndex, WorkerLoad, block_hashes
 from tideserve.router.discovery import endpoints_from_slices
 from tideserve.router.server import Endpoint, HoldQueue, Router, routing_key

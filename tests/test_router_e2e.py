@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tideserve.local import deployment
-from tideserve.local.replicas import free_port
+from tideserve.ports import free_port
 from tideserve.local.runtime import LocalRuntime
 
 DEMO_FILE = "tideserve/data/demo-llmdeployment.yaml"

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
+from tideserve.ports import free_port
 from tideserve.cli import SUBCOMMANDS
 
 REPO = Path(__file__).resolve().parent.parent

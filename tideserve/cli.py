@@ -14,6 +14,8 @@ import sys
 SUBCOMMANDS = {
     "serve": ("tideserve.worker.server", "Run a worker: the continuous-batching engine behind an OpenAI-compatible API."),
     "bench": ("tideserve.bench.loadgen", "Load-test any OpenAI-compatible endpoint (Poisson rate or trace replay)."),
+    "bench-engine": ("tideserve.bench.engine_configs", "Engine configurations at batch 1 (int8/fp8, FP8 KV cache, TP=2) against fp32: speed and quality, one run."),
+    "bench-llamacpp": ("tideserve.bench.llamacpp", "tideserve serve against llama.cpp's llama-server on SmolLM2, alternating, one run (needs a llama-server build)."),
     "bench-routing": ("tideserve.bench.routing", "Compare the router's policies on the Mooncake shared-prefix trace, two local replicas."),
     "models": ("tideserve.worker.builtin_models", "Write the built-in models (tiny, smollm2) to local directories."),
     "up": ("tideserve.local.up", "Run an LLMDeployment YAML on this machine: worker processes, the router, the autoscaler."),

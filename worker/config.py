@@ -15,6 +15,7 @@ class EngineConfig:
     quantization: str = "none"  # none | int8 | fp8: the linear layers' weights (worker/quantization.py)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3 with per-token scales)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tensor_parallel_size: int = 1  # ranks (processes) the model is sharded over (worker/parallel.py)
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     # Batch limits: both can be changed while serving (see LLMEngine.set_batch_limits).
     max_num_seqs: int = 64
@@ -44,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be none, int8 or fp8, got {self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

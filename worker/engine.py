@@ -223,6 +223,10 @@ class LLMEngine:
             error=error,
         )
 
+    def close(self) -> None:
+        """Release what outlives the object: the other ranks of a tensor-parallel engine."""
+        self.runner.close()
+
     def fail_all(self, error: str) -> list[RequestOutput]:
         """After an engine failure: end every request with an error instead of leaving clients hanging."""
         outputs = self._apply_commands()

@@ -10,14 +10,17 @@ padding. docs/engine.md records the measurements behind this choice.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tideserve.worker import quantization
+from tideserve.ports import free_port
+from tideserve.worker import parallel, quantization
 from tideserve.worker.config import EngineConfig
 from tideserve.worker.quantization import KVLayer
 from tideserve.worker.scheduler import ScheduledBatch
@@ -25,6 +28,7 @@ from tideserve.worker.scheduler import ScheduledBatch
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "tideserve_paged"
+StepSeq = tuple[list[int], int, list[int]]  # one sequence of a step: token ids computed now, first position, blocks
 
 
 @dataclass
@@ -93,10 +97,21 @@ def _register_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def resolve_device(device: str, rank: int = 0) -> torch.device:
+    """The device of a tensor-parallel rank: rank r of a CUDA worker gets GPU r."""
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            "cpu" if device == "auto" else device)
+    if resolved.type == "cuda" and rank:
+        return torch.device("cuda", (resolved.index or 0) + rank)
+    return resolved
+
+
+def _rank_died(why: str) -> None:
+    """A tensor-parallel rank is gone: every later step would wait for it. The worker exits (readiness with
+    it), and the pod's restart or the ReplicaSet replaces it."""
+    log.critical("%s: the worker cannot serve without it; exiting", why)
+    logging.shutdown()
+    os._exit(70)
 
 
 def resolve_dtype(dtype: str, device: torch.device, model_dtype: torch.dtype | None) -> torch.dtype:
@@ -135,11 +150,13 @@ def supported_attention_window(config) -> int | None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path):
+    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0, group_port: int | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         _register_attention()
-        self.device = resolve_device(config.device)
+        self.rank, self.world = rank, config.tensor_parallel_size
+        self.ranks: parallel.RankProcesses | None = None
+        self.device = resolve_device(config.device, rank)
         self.model_dir = model_dir
         hf_config = AutoConfig.from_pretrained(model_dir)
         text_config = hf_config.get_text_config()
@@ -157,17 +174,48 @@ class ModelRunner:
             text_config.hidden_size // text_config.num_attention_heads
         )
         self.kv_fp8 = config.kv_cache_dtype == "fp8"
+        gated = config.quantization != "none" or self.kv_fp8
+        # The gate's reference: the whole unquantized model, before any sharding or quantization.
+        gate_ids = self._gate_tokens() if gated and rank == 0 else []
+        reference = quantization.score(self.model, gate_ids, self.device) if gate_ids else None
+        if self.world > 1:
+            self._join_group(config, model_dir, group_port)
+        if config.quantization != "none":
+            quantization.quantize_linears(self.model, config.quantization)
         self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gb)
+        if self.world > 1:  # every rank's pool has rank 0's block count (the block manager's)
+            box = [self.num_blocks]
+            torch.distributed.broadcast_object_list(box, src=0)
+            self.num_blocks = box[0]
         slots = self.num_blocks * self.block_size
         self.kv_cache = [KVLayer(slots, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.kv_fp8)
                          for _ in range(self.num_layers)]
         self.quality: quantization.Quality | None = None
-        if config.quantization != "none" or self.kv_fp8:
-            self.quality = self._quantize(config.quantization)
+        if reference is not None:
+            try:
+                self.quality = self._gate(config.quantization, reference, gate_ids[: slots])
+            except quantization.QuantizationRefused:
+                self.close()
+                raise
+        if self.ranks is not None:
+            self.ranks.watch(_rank_died)
         log.info(
-            "model %s on %s (%s, weights %s, KV cache %s): %d KV blocks of %d tokens", model_dir, self.device,
-            self.dtype, config.quantization, config.kv_cache_dtype, self.num_blocks, self.block_size,
+            "model %s on %s (%s, weights %s, KV cache %s, rank %d of %d): %d KV blocks of %d tokens", model_dir,
+            self.device, self.dtype, config.quantization, config.kv_cache_dtype, rank, self.world, self.num_blocks,
+            self.block_size,
         )
+
+    def _join_group(self, config: EngineConfig, model_dir: Path, port: int | None) -> None:
+        """Rank 0 starts the other ranks (each loads the model itself), all join the group, each keeps its
+        shard; each rank runs on its share of this machine's threads."""
+        if self.rank == 0:
+            threads = parallel.threads_per_rank(self.world)
+            port = free_port()  # the group's rendezvous, on loopback
+            self.ranks = parallel.RankProcesses(self.world, port, functools.partial(rank_runner, config, model_dir),
+                                                threads)
+            torch.set_num_threads(threads)
+        parallel.init_process_group(self.rank, self.world, port, self.device)
+        self.num_kv_heads, _ = parallel.shard_model(self.model, self.hf_config, self.rank, self.world)
 
     @property
     def kv_bytes_per_slot(self) -> int:
@@ -178,15 +226,10 @@ class ModelRunner:
     def block_bytes(self) -> int:
         return self.num_layers * self.block_size * self.kv_bytes_per_slot
 
-    def _quantize(self, mode: str) -> quantization.Quality:
-        """Quantize the weights (mode int8/fp8; "none" with an FP8 KV cache) behind the quality gate: the text's
-        next-token logits of the unquantized weights just loaded (plain attention, no cache) against those the
-        server computes now (quantized weights, the paged KV cache at its dtype)."""
-        token_ids = self._gate_tokens()
-        reference = quantization.score(self.model, token_ids, self.device)
-        if mode != "none":
-            quantization.quantize_linears(self.model, mode)
-        quality = quantization.compare(reference, self.score(token_ids), token_ids)
+    def _gate(self, mode: str, reference: torch.Tensor, token_ids: list[int]) -> quantization.Quality:
+        """The quality gate: the text's next-token logits of the unquantized weights as loaded (plain attention,
+        no cache) against those the server computes now (quantized weights, the paged KV cache at its dtype)."""
+        quality = quantization.compare(reference[: len(token_ids)], self.score(token_ids), token_ids)
         what = f"quantization {mode}, KV cache {'fp8' if self.kv_fp8 else 'auto'}"
         if quality.agreement < quantization.MIN_AGREEMENT:
             raise quantization.QuantizationRefused(
@@ -199,8 +242,7 @@ class ModelRunner:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        ids = tokenizer(quantization.gate_text())["input_ids"][: quantization.GATE_TOKENS]
-        return ids[: self.num_blocks * self.block_size]
+        return tokenizer(quantization.gate_text())["input_ids"][: quantization.GATE_TOKENS]
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], chunk: int = 16) -> torch.Tensor:
@@ -221,11 +263,33 @@ class ModelRunner:
     def _blocks_for_memory(self, gigabytes: float) -> int:
         return max(1, int(gigabytes * 2**30 // self.block_bytes))
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
         """Forward the scheduled tokens; return logits [len(sample_rows), vocab] at the packed positions
-        `sample_rows` (the last token of each sequence that completes its pending tokens this step)."""
-        input_ids, positions, paged = self._prepare(batch)
+        `sample_rows` (the last token of each sequence that completes its pending tokens this step). With
+        tensor parallelism the other ranks get the same step first."""
+        seqs = [(seq.token_ids[seq.num_computed_tokens: seq.num_computed_tokens + n], seq.num_computed_tokens,
+                 list(seq.block_table)) for seq, n in zip(batch.seqs, batch.num_tokens)]
+        if self.world > 1:
+            parallel.broadcast(parallel.StepMessage(seqs, sample_rows))
+        return self._forward(seqs, sample_rows)
+
+    def follow(self) -> None:
+        """A rank above 0: run every step rank 0 broadcasts, until it says stop."""
+        while (message := parallel.broadcast(None)) is not None:
+            self._forward(message.seqs, [])  # only rank 0 samples
+
+    def close(self) -> None:
+        """Rank 0 of a tensor-parallel group: stop the other ranks and leave the group."""
+        if self.world > 1 and self.rank == 0 and self.ranks is not None:
+            if self.ranks.dead is None:
+                parallel.broadcast(None)
+            self.ranks.stop()
+            self.ranks = None
+            torch.distributed.destroy_process_group()
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[StepSeq], sample_rows: list[int]) -> torch.Tensor:
+        input_ids, positions, paged = self._prepare(seqs)
         output = self.model(
             input_ids=input_ids.unsqueeze(0),
             position_ids=positions.unsqueeze(0),
@@ -235,34 +299,38 @@ class ModelRunner:
         )
         return output.logits[0]
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
+    def _prepare(self, seqs: list[StepSeq]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
         bs = self.block_size
         offsets = torch.arange(bs)
         tokens, positions, slots = [], [], []
-        decodes, prefills = [], []  # (packed row, sequence)
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        decodes, prefills = [], []  # (packed row, block table, start, end)
+        for new_tokens, start, table in seqs:
+            end = start + len(new_tokens)
             row = len(tokens)
-            tokens.extend(seq.token_ids[start:end])
+            tokens.extend(new_tokens)
             positions.extend(range(start, end))
-            table = seq.block_table
             slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
-            (decodes if n == 1 else prefills).append((row, seq, start, end))
+            (decodes if end - start == 1 else prefills).append((row, table, start, end))
         dev = self.device
         paged = PagedBatch(kv_cache=self.kv_cache, slot_mapping=torch.tensor(slots, device=dev))
         for group in _group_by_length(decodes):
             # One padded block table per group -> every context slot, masked past each context length.
-            width = max(len(seq.block_table) for _, seq, _, _ in group)
-            tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for _, seq, _, _ in group])
+            width = max(len(table) for _, table, _, _ in group)
+            tables = torch.tensor([table + [0] * (width - len(table)) for _, table, _, _ in group])
             kv_slots = (tables[:, :, None] * bs + offsets).view(len(group), -1)
             lengths = torch.tensor([end for _, _, _, end in group])
             mask = torch.arange(kv_slots.shape[1])[None, :] < lengths[:, None]
             paged.decodes.append(DecodeGroup(torch.tensor([row for row, _, _, _ in group], device=dev),
                                              kv_slots.to(dev), mask.view(len(group), 1, 1, -1).to(dev)))
-        for row, seq, start, end in prefills:
-            kv_slots = (torch.tensor(seq.block_table)[:, None] * bs + offsets).view(-1)[:end]
+        for row, table, start, end in prefills:
+            kv_slots = (torch.tensor(table)[:, None] * bs + offsets).view(-1)[:end]
             mask = None
             if start:  # continuing a chunked or prefix-cached prompt: queries also see the cached context
                 mask = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]).to(dev)
             paged.prefills.append(PrefillSlice(row, row + end - start, kv_slots.to(dev), mask))
         return torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), paged
+
+
+def rank_runner(config: EngineConfig, model_dir: Path, rank: int, group_port: int) -> ModelRunner:
+    """The runner of a tensor-parallel rank above 0 (built in its own process by worker/parallel.py)."""
+    return ModelRunner(config, model_dir, rank=rank, group_port=group_port)

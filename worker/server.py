@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: K/V stored in e4m3 with per-token scales (about 4x the float32 tokens per GB)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the model over this many ranks, one process each (GPUs N.. on CUDA)")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -73,6 +75,7 @@ def engine_config_from_args(args: argparse.Namespace):
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -201,7 +204,10 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("serving %s on %s:%d (admin %s:%d)", engine.model_name, args.host, args.port, args.admin_host,
              args.admin_port)
-    asyncio.run(serve(engine, state, args.host, args.port, args.admin_host, args.admin_port, args.drain_timeout,
-                      args.log_level))
+    try:
+        asyncio.run(serve(engine, state, args.host, args.port, args.admin_host, args.admin_port, args.drain_timeout,
+                          args.log_level))
+    finally:
+        engine.close()
     log.info("drained, exiting")
     return 0

@@ -83,7 +83,7 @@ async def run_policy(llmd: dict[str, Any], policy: str, workload: list[TraceRequ
     """One replay of the workload against fresh workers behind the router with this policy: the raw latencies
     and the counters, to pool over rounds."""
     from tideserve.bench.loadgen import BenchConfig, run_benchmark
-    from tideserve.local.replicas import free_port
+    from tideserve.ports import free_port
     from tideserve.local.runtime import LocalRuntime
 
     llmd = json.loads(json.dumps(llmd))

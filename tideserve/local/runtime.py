@@ -42,7 +42,8 @@ from tideserve.autoscaler.scrape import (STEP_SECONDS, STEP_SEQUENCES, STEP_TOKE
 from tideserve.autoscaler.spec import initial_batch_limits, policy_config
 from tideserve.bench.loadgen import make_prompt
 from tideserve.local import deployment
-from tideserve.local.replicas import WorkerProcess, free_port
+from tideserve.local.replicas import WorkerProcess
+from tideserve.ports import free_port
 from tideserve.monitoring.prometheus import RULES_FILE, PrometheusServer, PrometheusUnavailable, ScrapeJob, write_targets
 from tideserve.operator import autoscaler_status as loop_status
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics

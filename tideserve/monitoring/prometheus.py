@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tideserve.local.replicas import free_port
+from tideserve.ports import free_port
 from tideserve.operator.metrics_source import parse_time
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "monitoring"
