@@ -280,9 +280,7 @@ class ModelRunner:
 
     def close(self) -> None:
         """Rank 0 of a tensor-parallel group: stop the other ranks and leave the group."""
-        if self.world > 1 and self.rank == 0 and self.ranks is not None:
-            if self.ranks.dead is None:
-                parallel.broadcast(None)
+        if self.ranks is not None:
             self.ranks.stop()
             self.ranks = None
             torch.distributed.destroy_process_group()

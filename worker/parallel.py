@@ -16,8 +16,6 @@ non-zero) and by a collective timeout on every rank, so nothing hangs.
 from __future__ import annotations
 
 import datetime
-import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -28,9 +26,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-
-
-log = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)  # the longest a rank waits for the others
 
@@ -157,7 +152,11 @@ class RankProcesses:
         threading.Thread(target=loop, name="tideserve-tp-watchdog", daemon=True).start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Tell the ranks to stop (unless one died: the rest cannot take part in a broadcast) and wait for them;
+        the watchdog stands down first, so that their exits are not taken for deaths."""
         self._stopping = True
+        if self.dead is None:
+            broadcast(None)
         for process in self.processes:
             try:
                 process.wait(timeout_s)
@@ -167,9 +166,8 @@ class RankProcesses:
 
 
 def threads_per_rank(world: int) -> int:
-    """Each rank's share of this process's threads (at least one)."""
-    return max(1, torch.get_num_threads() // world) if os.environ.get("OMP_NUM_THREADS") is None else max(
-        1, int(os.environ["OMP_NUM_THREADS"]) // world)
+    """Each rank's share of this process's compute threads (at least one)."""
+    return max(1, torch.get_num_threads() // world)
 
 
 if __name__ == "__main__":
