@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BATCHING_MODES = ("continuous", "dynamic", "static")
+QUANTIZATIONS = ("none", "int8", "fp8")  # of the linear layers' weights (worker/quantization.py)
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass
@@ -41,10 +43,10 @@ class EngineConfig:
             raise ValueError(f"batching_mode must be one of {BATCHING_MODES}, got {self.batching_mode!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "fp8"):
-            raise ValueError(f"quantization must be none, int8 or fp8, got {self.quantization!r}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.block_size < 1:

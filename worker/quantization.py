@@ -25,8 +25,6 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-WEIGHT_MODES = ("int8", "fp8")
-KV_CACHE_DTYPES = ("auto", "fp8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 # The gate's bound: share of positions whose greedy next token is unchanged. Per-channel int8 of SmolLM2 keeps
@@ -90,7 +88,7 @@ def quantize_linears(model: torch.nn.Module, mode: str) -> int:
     """Replace every nn.Linear (the LM head too: at batch 1 it is a fifth of SmolLM2's bytes) in place; returns
     how many. A head tied to the input embeddings keeps the embedding table as it was."""
     if mode not in _LINEARS:
-        raise ValueError(f"quantization must be one of {WEIGHT_MODES}, got {mode!r}")
+        raise ValueError(f"quantization must be one of {tuple(_LINEARS)}, got {mode!r}")
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

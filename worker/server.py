@@ -26,6 +26,8 @@ log = logging.getLogger("tideserve.worker")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tideserve.worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
+
     parser.add_argument("--model", required=True, help="local Hugging Face model directory, or a built-in: tiny, smollm2")
     parser.add_argument("--served-model-name", help="name clients use in the `model` field (default: the model's name)")
     parser.add_argument("--host", default="0.0.0.0")
@@ -34,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the admin API (batch limits) listens here; beyond loopback only with an admin token")
     parser.add_argument("--admin-port", type=int, default=8001)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--quantization", default="none", choices=["none", "int8", "fp8"],
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                         help="quantize the linear layers' weights at load (behind a quality gate: worker/quantization.py)")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="fp8: K/V stored in e4m3 with per-token scales (about 4x the float32 tokens per GB)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,

@@ -43,11 +43,11 @@ from tideserve.autoscaler.spec import initial_batch_limits, policy_config
 from tideserve.bench.loadgen import make_prompt
 from tideserve.local import deployment
 from tideserve.local.replicas import WorkerProcess
-from tideserve.ports import free_port
 from tideserve.monitoring.prometheus import RULES_FILE, PrometheusServer, PrometheusUnavailable, ScrapeJob, write_targets
 from tideserve.operator import autoscaler_status as loop_status
 from tideserve.operator.autoscaler_metrics import AutoscalerMetrics
 from tideserve.operator.status import autoscaler_runs_batch_limits
+from tideserve.ports import free_port
 from tideserve.router.server import Endpoint, HoldQueue, Router
 
 log = logging.getLogger("tideserve.local")
