@@ -268,7 +268,7 @@ class ModelRunner:
         `sample_rows` (the last token of each sequence that completes its pending tokens this step). With
         tensor parallelism the other ranks get the same step first."""
         seqs = [(seq.token_ids[seq.num_computed_tokens: seq.num_computed_tokens + n], seq.num_computed_tokens,
-                 list(seq.block_table)) for seq, n in zip(batch.seqs, batch.num_tokens)]
+                 seq.block_table) for seq, n in zip(batch.seqs, batch.num_tokens)]  # a broadcast pickles at once
         if self.world > 1:
             parallel.broadcast(parallel.StepMessage(seqs, sample_rows))
         return self._forward(seqs, sample_rows)

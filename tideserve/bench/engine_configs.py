@@ -214,13 +214,3 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"args": vars(args), "reference_perplexity": ref.text_perplexity if ref else None,
                        "configs": [asdict(r) for r in results.values()]}, f, indent=2)
     return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

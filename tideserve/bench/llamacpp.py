@@ -202,13 +202,3 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"args": vars(args), "in_process": engine,
                        "rounds": [{"label": r.label, "summary": asdict(r.summary)} for r in results]}, f, indent=2)
     return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
