@@ -157,6 +157,20 @@ class _Memory:
     restored: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Interval:
+    """One interval of the loop: what it read first, and what its sensing found, for its actuation."""
+
+    llmd: dict[str, Any]
+    mode: str
+    interval: float
+    runs_limits: bool
+    now: float = 0.0
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    ready: list[dict[str, Any]] = field(default_factory=list)
+    collected: source.Collected | None = None
+
+
 class DeploymentLoop:
     def __init__(self, autoscaler: "Autoscaler", namespace: str, name: str, after: asyncio.Task | None = None):
         self.autoscaler, self.namespace, self.name = autoscaler, namespace, name
@@ -170,7 +184,7 @@ class DeploymentLoop:
         self.gone = False
         self.task: asyncio.Task | None = None
         self.ticks = 0
-        self._interval: dict[str, Any] = {}  # what one interval's sensing found, for its actuation
+        self._interval: _Interval | None = None
 
     @property
     def kube(self):
@@ -258,20 +272,20 @@ class DeploymentLoop:
         if not await self._ensure_policy(llmd):
             return interval
         runs_limits = autoscaler_runs_batch_limits(spec)
-        self._interval = {"llmd": llmd, "mode": mode, "interval": interval, "runs_limits": runs_limits}
+        self._interval = _Interval(llmd, mode, interval, runs_limits)
         loop = ControlLoop(self.policy, self, self, acting=mode == "active", manages_limits=runs_limits)
         tick = await loop.tick(time.time())
         self.ticks += 1
-        llmd, decision, obs = self._interval["llmd"], tick.decision, tick.observation
+        llmd, decision, obs = self._interval.llmd, tick.decision, tick.observation
         before = _limits_dict(tick.fleet.limits) if runs_limits else None
         after = _limits_dict(tick.actuation.limits) if runs_limits else None
         for event in loop_status.decision_events(decision, mode, spec["replicas"], tick.actuation.scaled,
                                                  self.memory.recommendation, before, after):
             self._event(llmd, event)
         self.memory.recommendation = decision.replicas
-        collected = self._interval["collected"]
+        collected = self._interval.collected
         self.autoscaler.metrics.record(self.namespace, self.name, decision, obs,
-                                       len([p for p in self._interval["ready"]
+                                       len([p for p in self._interval.ready
                                             if p["metadata"]["name"] in collected.errors]),
                                        self.config, llmd.get("status", {}).get("conditions", []))
         await self.save(llmd)
@@ -282,14 +296,14 @@ class DeploymentLoop:
     async def fleet(self, now: float) -> Fleet:
         """The worker pods and what they report (their metrics are read here: the limits they run decide
         which need a push)."""
-        state, llmd = self._interval, self._interval["llmd"]
+        state, llmd = self._interval, self._interval.llmd
         spec = llmd["spec"]
         pods = [p for p in await self._owned_pods() if not source.is_terminating(p)]
         ready = [p for p in pods if source.is_ready(p)]
-        collected = await self.autoscaler.collect(self.namespace, ready, state["interval"])
-        state.update(pods=pods, ready=ready, collected=collected, now=now)
+        collected = await self.autoscaler.collect(self.namespace, ready, state.interval)
+        state.pods, state.ready, state.collected, state.now = pods, ready, collected, now
         limits = None  # vLLM, or the spec's limits that the pods started with: nothing to push
-        if state["runs_limits"]:
+        if state.runs_limits:
             limits = batch_limits(llmd)
         elif spec["engine"]["kind"] == "tideserve" and llmd.get("status", {}).get("autoscaling", {}).get("batchLimits"):
             limits = dict(zip(("maxNumSeqs", "maxNumBatchedTokens"), initial_batch_limits(spec)))  # after active
@@ -297,34 +311,34 @@ class DeploymentLoop:
         return Fleet(views, spec["replicas"], (limits["maxNumSeqs"], limits["maxNumBatchedTokens"]) if limits else None)
 
     async def observe(self, now: float, fleet: Fleet, pending_replicas: int) -> Observation:
-        state, spec = self._interval, self._interval["llmd"]["spec"]
-        collected = state["collected"]
+        state, spec = self._interval, self._interval.llmd["spec"]
+        collected = state.collected
         samples = [ReplicaSample(p["metadata"]["name"], collected.times.get(p["metadata"]["name"], now),
                                  source.is_ready(p), source.started_at(p),
-                                 collected.snapshots.get(p["metadata"]["name"])) for p in state["pods"]]
+                                 collected.snapshots.get(p["metadata"]["name"])) for p in state.pods]
         seqs, tokens = fleet.limits or initial_batch_limits(spec)
         obs = self.aggregator.observe(
             now, samples, desired_replicas=spec["replicas"], pending_replicas=pending_replicas,
             max_num_seqs=seqs, max_num_batched_tokens=tokens,
-            replica_startup_s=source.newest_startup_s(state["pods"], self.memory.last_tick),
+            replica_startup_s=source.newest_startup_s(state.pods, self.memory.last_tick),
             held_requests=await self._held_requests(spec))
         self.memory.last_tick = now
         return obs
 
     async def push_limits(self, limits: tuple[int, int], replicas: list[str]) -> None:
-        await self._push_limits(self._interval["llmd"], [p for p in self._interval["ready"]
+        await self._push_limits(self._interval.llmd, [p for p in self._interval.ready
                                                          if p["metadata"]["name"] in replicas], limits)
 
     async def report(self, tick: Tick) -> None:
         """The reasoning goes to status first, so that reconcile finds it when it carries the new replicas to
         the Deployment (status.lastScalingDecision, the Scaled event)."""
         state = self._interval
-        limits = _limits_dict(tick.actuation.limits) if state["runs_limits"] else None
-        state["llmd"] = await self._write_status(state["llmd"], tick.decision, tick.observation, state["mode"],
-                                                 limits, _utc(state["now"]))
+        limits = _limits_dict(tick.actuation.limits) if state.runs_limits else None
+        state.llmd = await self._write_status(state.llmd, tick.decision, tick.observation, state.mode,
+                                                 limits, _utc(state.now))
 
     async def scale(self, replicas: int, drain: list[str]) -> bool:
-        return await self._scale(self._interval["llmd"], replicas, drain, self._interval["pods"])
+        return await self._scale(self._interval.llmd, replicas, drain, self._interval.pods)
 
     async def _held_requests(self, spec: dict[str, Any]) -> float:
         """Requests the router pods hold for lack of a ready worker (read from each ready router pod of the

@@ -11,9 +11,10 @@ quantization that changes the model too much.
 - FP8 KV cache (KVLayer): K/V stored in e4m3 with one float32 scale per token and layer (shared by the token's
   KV heads), so the same memory holds about 4x the tokens of float32 and 2x those of bfloat16, less the scales.
 
-The gate runs when the engine starts with a quantization: before quantizing, the unquantized weights just
-loaded score a fixed text (teacher forcing: every position's next-token logits); after, the quantized model
-scores it again. A mode whose greedy-token agreement falls below MIN_AGREEMENT is refused with the numbers.
+The gate runs when the engine starts with a quantization or an FP8 KV cache (worker/model_runner.py): before
+quantizing, the unquantized weights just loaded score a fixed text (teacher forcing: every position's
+next-token logits); after, the server's own path (quantized weights, paged KV cache at its dtype) scores it
+again. A configuration whose greedy-token agreement falls below MIN_AGREEMENT is refused with the numbers.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 # The gate's bound: share of positions whose greedy next token is unchanged. Per-channel int8 of SmolLM2 keeps
-# about 95% (docs/benchmarks.md); a broken quantization (wrong scales, a kernel that misreads its layout) keeps
-# a few percent.
+# 93-95% (docs/benchmarks.md); scales off by 2x (tests/test_quantization.py) fall below it.
 MIN_AGREEMENT = 0.85
 GATE_TOKENS = 256  # the gate scores the first this many tokens of the text
 
