@@ -169,6 +169,7 @@ class Simulation:
     # actuator, and neither ever waits, so each tick runs to completion without an event loop.
 
     def _control(self, now: float) -> None:
+        self.now = now  # the actuator's clock: its interface carries no time
         tick = self.loop.tick(now)
         try:
             tick.send(None)
@@ -279,7 +280,7 @@ class Simulation:
             t_arrival = arrivals[i] if i < n else INF
             t_event = heap[0][0] if heap else INF
             if next_control <= t_arrival and next_control <= t_event:
-                now = self.now = next_control
+                now = next_control
                 self._control(now)
                 next_control += self.interval_s
                 continue
