@@ -131,13 +131,15 @@ def run_worker(model_dir: str, api_keys=(), admin_token=None, admin_token_file=N
     """Start a real worker (engine thread + both uvicorn servers) in a background thread, on free ports unless
     given (a restart on the same ports)."""
     from tideserve.worker.api import ServerState
+    from tideserve.worker.async_engine import AsyncEngine
     from tideserve.worker.config import EngineConfig
     from tideserve.worker.engine import LLMEngine
     from tideserve.worker.server import serve
 
     engine_kwargs.setdefault("max_model_len", 256)
     engine_kwargs.setdefault("num_kv_blocks", 256)
-    engine = LLMEngine(EngineConfig(model=model_dir, served_model_name="tiny", **engine_kwargs))
+    async_engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=model_dir, served_model_name="tiny", **engine_kwargs)))
+    engine = async_engine.engine
     state = ServerState(api_keys=frozenset(api_keys), admin_token=admin_token, admin_token_file=admin_token_file,
                         max_body_bytes=max_body_bytes)
     port, admin_port = port or free_port(), admin_port or free_port()
@@ -146,7 +148,7 @@ def run_worker(model_dir: str, api_keys=(), admin_token=None, admin_token_file=N
 
     def target():
         try:
-            loop.run_until_complete(serve(engine, state, "127.0.0.1", port, "127.0.0.1", admin_port, drain_timeout,
+            loop.run_until_complete(serve(async_engine, state, "127.0.0.1", port, "127.0.0.1", admin_port, drain_timeout,
                                           "warning"))
         except BaseException as exc:  # surfaced by the fixture below
             errors.append(exc)

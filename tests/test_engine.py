@@ -11,6 +11,7 @@ import torch
 from tideserve.worker.block_manager import BlockManager
 from tideserve.worker.config import EngineConfig
 from tideserve.worker.engine import LLMEngine, PromptTooLongError, QueueFullError
+from tideserve.worker.sampler import Sampler
 from tideserve.worker.sequence import SamplingParams, Sequence
 
 
@@ -311,3 +312,55 @@ def test_sliding_window_caps_max_model_len_and_softcapping_is_refused():
     assert supported_attention_window(SimpleNamespace()) is None
     with pytest.raises(ValueError, match="soft-capping"):
         supported_attention_window(SimpleNamespace(attn_logit_softcapping=50.0))
+
+
+def test_sampler_draws_from_the_distribution_after_top_k_and_top_p():
+    # log-probabilities of 0.5, 0.3, 0.15, 0.05: top_k=3 drops the last token, top_p=0.75 then keeps the first
+    # two (0.5 + 0.3 crosses it); the kept ones renormalise to 0.625 and 0.375.
+    row = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    sampler = Sampler(seed=1)
+    draws = 4000
+    params = [SamplingParams(temperature=1.0, top_k=3, top_p=0.75)] * draws
+    counts = torch.bincount(torch.tensor(sampler.sample(row.repeat(draws, 1), params, list(range(draws)))),
+                            minlength=4).tolist()
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / draws - 0.625) < 0.03
+    # Without the filters every token is drawn about as often as its probability.
+    counts = torch.bincount(torch.tensor(sampler.sample(row.repeat(draws, 1), [SamplingParams()] * draws,
+                                                        list(range(draws)))), minlength=4).tolist()
+    assert abs(counts[1] / draws - 0.3) < 0.03 and abs(counts[3] / draws - 0.05) < 0.02
+
+
+def test_async_engine_builds_and_steps_the_engine_in_one_thread(tiny_model_dir):
+    # torch compute from two threads oversubscribes OpenMP (AsyncEngine's docstring): the model loads and every
+    # step runs in the loop's thread, and an error while building reaches the caller.
+    import asyncio
+    import threading
+
+    from tideserve.worker.async_engine import AsyncEngine
+
+    threads = set()
+
+    def build():
+        threads.add(threading.current_thread().name)
+        engine = make_engine(tiny_model_dir)
+        step = engine.step
+        engine.step = lambda: threads.add(threading.current_thread().name) or step()
+        return engine
+
+    async def generate():
+        async_engine = AsyncEngine(build)
+        async_engine.start()
+        try:
+            return [o async for o in async_engine.generate([5, 6, 7], GREEDY)]
+        finally:
+            async_engine.stop()
+
+    assert asyncio.run(generate())[-1].finished
+    assert threads == {"engine-loop"}
+
+    def refuse():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(refuse)

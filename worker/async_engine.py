@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from tideserve.worker.engine import LLMEngine, RequestOutput
 from tideserve.worker.sequence import SamplingParams
@@ -18,20 +18,36 @@ _IDLE_POLL_S = 0.005
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    """The engine is built in the thread that steps it, and no other thread runs torch compute: torch's CPU
+    kernels use an OpenMP pool per calling thread, and once two threads own pools (model load in one, steps in
+    another) libgomp counts more threads than cores and stops spin-waiting between parallel regions. Its
+    threads then sleep and wake at every region: the same 24 requests took 119 s stepped from a second thread
+    against 93 s from the thread that loaded the model (docs/engine.md)."""
+
+    def __init__(self, build: Callable[[], LLMEngine]):
+        """Start the loop's thread and build the engine there; re-raise what building raised. Steps begin at
+        start()."""
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._started = threading.Event()
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.engine: LLMEngine | None = None
+        self._thread = threading.Thread(target=self._run, args=(build,), name="engine-loop", daemon=True)
+        self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        self._started.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._started.set()
         self._wake.set()
         self._thread.join(timeout=10)
 
@@ -78,8 +94,15 @@ class AsyncEngine:
                 self.engine.abort(request_id)
                 self._wake.set()
 
-    def _run(self) -> None:
-        engine = self.engine
+    def _run(self, build: Callable[[], LLMEngine]) -> None:
+        try:
+            self.engine = engine = build()
+        except BaseException as exc:  # handed to the constructor's caller
+            self._build_error = exc
+            return
+        finally:
+            self._built.set()
+        self._started.wait()
         while not self._stop.is_set():
             self._wake.clear()
             if not engine.has_work():

@@ -16,11 +16,23 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int]) -> list[int]:
         logits = logits.float().cpu()
         out = logits.argmax(dim=-1).tolist()
+        # Rows that share a generator draw together: one uniform per row against the row's cumulative
+        # distribution (inverse CDF). torch.multinomial draws one exponential per vocabulary entry, which on
+        # a CPU cost about a tenth of a 16-sequence decode step of the demo model.
+        by_generator: dict[int, tuple[torch.Generator, list[int]]] = {}
         for row, (p, seq_id) in enumerate(zip(params, seq_ids)):
-            if p.greedy:
-                continue
-            probs = self._probabilities(logits[row], p)
-            out[row] = int(torch.multinomial(probs, 1, generator=self._generator(p, seq_id)).item())
+            if not p.greedy:
+                generator = self._generator(p, seq_id)
+                by_generator.setdefault(id(generator), (generator, []))[1].append(row)
+        for generator, rows in by_generator.values():
+            probs = torch.stack([self._probabilities(logits[row], params[row]) for row in rows])
+            cdf = probs.double().cumsum(-1)
+            # u * total < total, and right=True picks the first entry whose cdf exceeds it: a token of
+            # positive probability.
+            targets = torch.rand(len(rows), 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+            picks = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
+            for row, token in zip(rows, picks.view(-1).tolist()):
+                out[row] = token
         return out
 
     def release(self, seq_id: int) -> None:

@@ -131,12 +131,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(engine, state, host, port, admin_host, admin_port, drain_timeout, log_level="info") -> None:
-    """Run both servers until a drain completes. Also used by tests and the local runtime."""
+async def serve(async_engine, state, host, port, admin_host, admin_port, drain_timeout, log_level="info") -> None:
+    """Run both servers and the engine's steps until a drain completes. Also used by tests."""
     from tideserve.worker.api import create_admin_app, create_app
-    from tideserve.worker.async_engine import AsyncEngine
 
-    async_engine = AsyncEngine(engine)
+    engine = async_engine.engine
     async_engine.start()
     public = _Server(uvicorn.Config(create_app(async_engine, state), host=host, port=port, log_level=log_level,
                                     timeout_graceful_shutdown=5, access_log=False))
@@ -188,13 +187,14 @@ def run(args: argparse.Namespace) -> int:
     log.info("loading %s", args.model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the worker loads local directories only
     from tideserve.worker.api import ServerState
+    from tideserve.worker.async_engine import AsyncEngine
     from tideserve.worker.engine import LLMEngine
 
     from tideserve.worker.quantization import QuantizationRefused
 
     config = engine_config_from_args(args)
     try:
-        engine = LLMEngine(config)
+        async_engine = AsyncEngine(lambda: LLMEngine(config))
     except QuantizationRefused as exc:  # never served: the pod fails to start and says why
         print(f"tideserve serve: {exc}", file=sys.stderr)
         return 3
@@ -204,10 +204,11 @@ def run(args: argparse.Namespace) -> int:
         admin_token_file=admin_token_file,
         max_body_bytes=args.max_body_bytes,
     )
+    engine = async_engine.engine
     log.info("serving %s on %s:%d (admin %s:%d)", engine.model_name, args.host, args.port, args.admin_host,
              args.admin_port)
     try:
-        asyncio.run(serve(engine, state, args.host, args.port, args.admin_host, args.admin_port, args.drain_timeout,
+        asyncio.run(serve(async_engine, state, args.host, args.port, args.admin_host, args.admin_port, args.drain_timeout,
                           args.log_level))
     finally:
         engine.close()
