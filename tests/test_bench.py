@@ -437,3 +437,23 @@ def test_cli_exit_codes(fake, capsys):
     assert run_cli("--base-url", url, "--plot", "x.png") == 2
     assert run_cli("--base-url", "http://127.0.0.1:9", "--num-requests", "1") == 2  # nothing listens there
     assert "cannot list models" in capsys.readouterr().err
+
+
+def test_bench_engine_sweeps_batch_sizes_and_rates(tiny_model_dir, tmp_path):
+    from tideserve.bench import engine_configs
+
+    parser = argparse.ArgumentParser()
+    engine_configs.add_arguments(parser)
+    args = parser.parse_args(["--model", tiny_model_dir, "--configs", "fp32", "--rounds", "1", "--prompt-tokens", "24",
+                              "--output-tokens", "6", "--batch-sizes", "1,3", "--rates", "4", "--rate-requests", "3",
+                              "--json", str(tmp_path / "out.json"), "--png", str(tmp_path / "chart")])
+    assert engine_configs.run(args) == 0
+    (fp32,) = json.loads((tmp_path / "out.json").read_text())["configs"]
+    assert [(row["batch"], row["requests"]) for row in fp32["batch_sweep"]] == [(1, 1), (3, 3)]
+    # A static batch starts together: its output tokens over its wall time.
+    batch = fp32["batch_sweep"][1]
+    assert batch["output_tok_s"] == pytest.approx(3 * 6 / batch["seconds"])
+    (rate,) = fp32["rate_sweep"]
+    assert rate["rate"] == 4 and rate["requests"] == 3 and rate["ttft_p90_ms"] >= rate["ttft_p50_ms"] > 0
+    assert {p.name for p in tmp_path.glob("chart-*.png")} == {"chart-batch1.png", "chart-batch-sweep.png",
+                                                             "chart-rates.png"}

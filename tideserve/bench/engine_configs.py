@@ -1,5 +1,7 @@
-"""`tideserve bench-engine`: engine configurations side by side at batch 1 (weights int8/fp8, the FP8 KV cache,
-tensor parallelism over 2 ranks) against the unquantized single-rank engine, in one run.
+"""`tideserve bench-engine`: engine configurations side by side (weights int8/fp8, the FP8 KV cache, tensor
+parallelism over 2 ranks) against the unquantized single-rank engine, in one run: the seeds' three benchmarks
+(TTFT/TPOT at batch 1; maximum throughput against the batch size with static batches; the throughput-latency
+curve over request rates), each as a table and, with --png, a chart, and the quality of each configuration.
 
 Speed: one request at a time through the engine's own step loop (no HTTP): a fixed prompt of `prompt_tokens`
 random tokens (512: the seeds' benchmark) and `output_tokens` greedy tokens, EOS ignored. TTFT from submit to
@@ -7,6 +9,12 @@ the first token, TPOT between the first and the last; the best of `rounds` repla
 alternating so that a busy machine slows all alike. Each configuration runs on the machine's threads (a
 tensor-parallel one: its share per rank). MBU per decode step from the engine's own histogram
 (worker/utilization.py: bytes at the stored dtypes).
+
+Throughput against batch size: B requests (the same prompt length, `output_tokens` each) submitted together and
+run to completion with nothing else arriving, a static batch; output tokens over the batch's wall time.
+Throughput-latency: `rate_requests` requests at each Poisson rate (seed 0, the same arrivals for every
+configuration), submitted at their arrival times while the engine steps; achieved output tokens/s against TTFT
+and TPOT percentiles.
 
 Quality, on SmolLM2's real weights: 16 fixed prompts, each continued greedily for 64 tokens by the unquantized
 engine; each configuration then scores prompt + continuation through the server's own path (quantized weights,
@@ -25,8 +33,9 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 CONFIGS = {  # name: (quantization, kv_cache_dtype, tensor_parallel_size)
@@ -61,6 +70,8 @@ class ConfigResult:
     mean_logit_error: float | None = None
     perplexity: float | None = None
     refused: str | None = None
+    batch_sweep: list[dict] = field(default_factory=list)  # one row per batch size (_load_row)
+    rate_sweep: list[dict] = field(default_factory=list)  # one row per request rate (_load_row)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", help="the unquantized dtype (float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--batch-sizes", default="1,4,16",
+                        help="static batch sizes for the throughput sweep (comma-separated; empty: skip it)")
+    parser.add_argument("--rates", default="0.25,0.5,1",
+                        help="request rates (req/s) for the throughput-latency curve (comma-separated; empty: skip it)")
+    parser.add_argument("--rate-requests", type=int, default=16, help="requests per rate")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--png", help="write the charts as PREFIX-batch1.png, PREFIX-batch-sweep.png, PREFIX-rates.png")
 
 
 def _engine(args, name: str):
@@ -102,6 +119,63 @@ def _greedy(engine, prompt: list[int], tokens: int) -> tuple[list[int], float, f
             last = now
             out += o.token_ids
     return out, first - submitted, last - first
+
+
+def _serve(engine, prompt: list[int], arrivals: list[float], output_tokens: int) -> dict:
+    """Requests of `prompt` submitted at their arrival offsets (seconds from now) while the engine steps; one row of
+    achieved output tokens/s and TTFT/TPOT percentiles."""
+    from tideserve.worker.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    pending = sorted(arrivals)
+    submitted: dict[str, float] = {}
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    while pending or engine.has_work():
+        now = time.perf_counter() - start
+        while pending and pending[0] <= now:
+            request_id = f"load-{len(submitted)}"
+            submitted[request_id] = pending.pop(0)
+            engine.submit(request_id, prompt, params)
+        if not engine.has_work():
+            time.sleep(min(0.05, pending[0] - now))
+            continue
+        for o in engine.step():
+            now = time.perf_counter() - start
+            first.setdefault(o.request_id, now)
+            if o.finished:
+                done[o.request_id] = now
+    ttft = np.array([first[r] - submitted[r] for r in submitted])
+    tpot = np.array([(done[r] - first[r]) / (output_tokens - 1) for r in submitted]) if output_tokens > 1 else ttft * 0
+    seconds = max(done.values()) - min(submitted.values())
+    return {"requests": len(submitted), "seconds": seconds, "output_tok_s": len(submitted) * output_tokens / seconds,
+            **{f"ttft_p{q}_ms": float(np.percentile(ttft, q)) * 1e3 for q in (50, 90)},
+            **{f"tpot_p{q}_ms": float(np.percentile(tpot, q)) * 1e3 for q in (50, 90)}}
+
+
+def _sweeps(args, engines: dict, results: dict, prompt: list[int]) -> None:
+    """The batch-size and rate sweeps, configurations alternating at each point."""
+    from tideserve.traces import poisson_arrivals
+
+    for batch in _numbers(args.batch_sizes, int):
+        for name, engine in engines.items():
+            torch.set_num_threads(max(1, args.threads // CONFIGS[name][2]))
+            row = {"batch": batch, **_serve(engine, prompt, [0.0] * batch, args.output_tokens)}
+            results[name].batch_sweep.append(row)
+            print(f"batch {batch} {name}: {row['output_tok_s']:.1f} output tok/s", flush=True)
+    for rate in _numbers(args.rates, float):
+        arrivals = poisson_arrivals(args.rate_requests, rate, seed=0)
+        for name, engine in engines.items():
+            torch.set_num_threads(max(1, args.threads // CONFIGS[name][2]))
+            row = {"rate": rate, **_serve(engine, prompt, arrivals, args.output_tokens)}
+            results[name].rate_sweep.append(row)
+            print(f"rate {rate} {name}: {row['output_tok_s']:.1f} output tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} "
+                  f"ms, TPOT p50 {row['tpot_p50_ms']:.0f} ms", flush=True)
+
+
+def _numbers(text: str, kind) -> list:
+    return [kind(v) for v in text.split(",") if v.strip()]
 
 
 def _decode_mbu_totals(engine) -> tuple[float, float]:
@@ -161,10 +235,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench-engine: --configs must start with fp32 (the baseline) and name only {', '.join(CONFIGS)}; "
               f"got {args.configs!r}", file=sys.stderr)
         return 2
-    rng = random.Random(0)
-    prompt = [rng.randrange(1000, 40000) for _ in range(args.prompt_tokens)]
     engines, results = {}, {}
-    ref = None
+    ref = prompt = None
     for name in names:  # load every configuration first (each behind the engine's own gate), score it, warm it up
         try:
             engine = _engine(args, name)
@@ -172,7 +244,10 @@ def run(args: argparse.Namespace) -> int:
             results[name] = ConfigResult(name, refused=str(exc))
             print(f"{name}: refused by the quality gate: {exc}", flush=True)
             continue
-        ref = ref or reference(engine)  # fp32 comes first
+        if ref is None:  # fp32 comes first
+            ref = reference(engine)
+            vocab, rng = len(engine.tokenizer), random.Random(0)
+            prompt = [rng.randrange(min(1000, vocab // 2), min(40000, vocab)) for _ in range(args.prompt_tokens)]
         results[name] = ConfigResult(name, kv_tokens_per_gib=engine.runner.num_blocks * engine.config.block_size
                                    / engine.config.kv_cache_memory_gb, **quality(engine, ref))
         _greedy(engine, prompt, 8)
@@ -193,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         results[name].ttft_ms, results[name].tpot_ms, results[name].decode_tok_s = ttft * 1e3, tpot * 1e3, 1 / tpot
         (sum_after, count_after), (sum_before, count_before) = _decode_mbu_totals(engine), mbu_before[name]
         results[name].mbu = (sum_after - sum_before) / (count_after - count_before) if count_after > count_before else None
+    _sweeps(args, engines, results, prompt)
     for engine in engines.values():
         engine.close()
     base = results["fp32"]
@@ -209,8 +285,74 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r.config:<14}{r.ttft_ms:>9.0f}{r.tpot_ms:>9.1f}{r.decode_tok_s:>8.1f}{ratio:>8.2f}{(r.mbu or 0):>7.3f}"
               f"{r.kv_tokens_per_gib:>12.0f}{r.agreement:>8.1%}{r.max_logit_error:>9.3f}{r.mean_logit_error:>9.4f}"
               f"{r.perplexity:>8.2f}")
+    _print_sweeps(results.values(), args)
+    if args.png:
+        _plot(list(results.values()), args.png)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "reference_perplexity": ref.text_perplexity if ref else None,
                        "configs": [asdict(r) for r in results.values()]}, f, indent=2)
     return 0
+
+
+def _print_sweeps(results, args) -> None:
+    served = [r for r in results if not r.refused]
+    if any(r.batch_sweep for r in served):
+        print(f"\nstatic batches: {args.prompt_tokens} in, {args.output_tokens} out; output tok/s (TPOT p50 ms)")
+        print(f"{'batch':<7}" + "".join(f"{r.config:>20}" for r in served))
+        for i, row in enumerate(served[0].batch_sweep):
+            print(f"{row['batch']:<7}" + "".join(
+                f"{r.batch_sweep[i]['output_tok_s']:>12.1f} ({r.batch_sweep[i]['tpot_p50_ms']:>4.0f})" for r in served))
+    if any(r.rate_sweep for r in served):
+        print(f"\nPoisson rates, {args.rate_requests} requests each: output tok/s, TTFT p50/p90 ms, TPOT p50/p90 ms")
+        print(f"{'config':<14}{'rate':>6}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}{'TPOT p50':>10}{'p90':>8}")
+        for r in served:
+            for row in r.rate_sweep:
+                print(f"{r.config:<14}{row['rate']:>6.2f}{row['output_tok_s']:>8.1f}{row['ttft_p50_ms']:>10.0f}"
+                      f"{row['ttft_p90_ms']:>8.0f}{row['tpot_p50_ms']:>10.0f}{row['tpot_p90_ms']:>8.0f}")
+
+
+def _plot(results: list[ConfigResult], prefix: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    served = [r for r in results if not r.refused]
+    fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(9, 3.2))
+    names = [r.config for r in served]
+    ax_ttft.bar(names, [r.ttft_ms for r in served])
+    ax_tpot.bar(names, [r.tpot_ms for r in served])
+    ax_ttft.set_ylabel("TTFT ms (batch 1)")
+    ax_tpot.set_ylabel("TPOT ms (batch 1)")
+    for ax in (ax_ttft, ax_tpot):
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{prefix}-batch1.png", dpi=100)
+    plt.close(fig)
+    if any(r.batch_sweep for r in served):
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for r in served:
+            ax.plot([row["batch"] for row in r.batch_sweep], [row["output_tok_s"] for row in r.batch_sweep], "o-",
+                    label=r.config)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("static batch size")
+        ax.set_ylabel("output tokens/s")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{prefix}-batch-sweep.png", dpi=100)
+        plt.close(fig)
+    if any(r.rate_sweep for r in served):
+        fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(9, 3.4))
+        for r in served:
+            tok_s = [row["output_tok_s"] for row in r.rate_sweep]
+            ax_ttft.plot(tok_s, [row["ttft_p50_ms"] for row in r.rate_sweep], "o-", label=r.config)
+            ax_tpot.plot(tok_s, [row["tpot_p50_ms"] for row in r.rate_sweep], "o-", label=r.config)
+        ax_ttft.set_ylabel("TTFT p50 ms")
+        ax_tpot.set_ylabel("TPOT p50 ms")
+        for ax in (ax_ttft, ax_tpot):
+            ax.set_xlabel("achieved output tokens/s")
+        ax_tpot.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{prefix}-rates.png", dpi=100)
+        plt.close(fig)
