@@ -23,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -57,11 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Server:
-    """A server process on a free port, ready when `ready_path` answers 200."""
+    """A server process on a free port, ready when `ready_path` answers 200. Its output goes to a temporary
+    file, never to a pipe nobody reads: llama-server logs every request, and once a pipe's 64 KiB filled it
+    blocked mid-run (the stalled requests of this benchmark's first runs)."""
 
     def __init__(self, name: str, argv: list[str], port: int, ready_path: str, env: dict | None = None):
         self.name, self.port, self.ready_path = name, port, ready_path
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     @property
     def url(self) -> str:
@@ -71,8 +75,9 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.log.seek(0)
                 raise RuntimeError(f"{self.name} exited ({self.process.returncode}): "
-                                   f"{self.process.stderr.read().decode()[-2000:]}")
+                                   f"{self.log.read().decode(errors='replace')[-2000:]}")
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return
@@ -88,6 +93,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log.close()
 
 
 def tideserve_server(args) -> Server:
@@ -141,8 +147,8 @@ def in_process(args, requests: list[TraceRequest]) -> dict:
     while queue or engine.has_work():
         while queue and in_flight < args.concurrency:
             i, r = queue.pop(0)
-            engine.submit(str(i), prompts[i], SamplingParams(max_tokens=r.output_tokens, temperature=0.0,
-                                                             ignore_eos=True))
+            # The HTTP requests' sampling: the API's default temperature, EOS ignored.
+            engine.submit(str(i), prompts[i], SamplingParams(max_tokens=r.output_tokens, ignore_eos=True))
             in_flight += 1
         for out in engine.step():
             output_tokens += len(out.token_ids)
