@@ -1,5 +1,6 @@
 """Tensor parallelism over torch.distributed (gloo on this CPU): the shards, TP=2 against TP=1 on SmolLM2 and
-the random tiny model, quantized TP, and a rank that dies taking the worker down instead of hanging it."""
+the random tiny model, quantized TP, an idle worker keeping its ranks, and a rank that dies taking the worker
+down instead of hanging it."""
 
 from __future__ import annotations
 
@@ -84,17 +85,23 @@ def test_tp2_with_int8_weights_passes_the_gate_through_the_sharded_path():
 
 
 def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
+    """Child processes of every thread of `pid` (the ranks are started from the engine's thread)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children
 
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="Linux /proc")
 def test_a_rank_that_dies_takes_the_worker_down_instead_of_hanging_it(tiny_model_dir):
     port = free_port()
+    # A short collective timeout: the worker idles past it below, which must not cost it its rank.
     server = subprocess.Popen([sys.executable, "-m", "tideserve", "serve", "--model", tiny_model_dir,
                                "--tensor-parallel-size", "2", "--port", str(port), "--admin-port", str(free_port()),
                                "--max-model-len", "256", "--num-kv-blocks", "64", "--dtype", "float32"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TIDESERVE_TP_COLLECTIVE_TIMEOUT_S": "5"})
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -107,6 +114,12 @@ def test_a_rank_that_dies_takes_the_worker_down_instead_of_hanging_it(tiny_model
             time.sleep(0.5)
         else:
             pytest.fail("the tensor-parallel worker never became ready")
+        for _ in range(2):  # idle for longer than the collective timeout, then serve
+            time.sleep(6)
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                  json={"model": "tiny-v1", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
+            assert response.status_code == 200, response.text
+            assert server.poll() is None
         (rank1,) = _children(server.pid)
         os.kill(rank1, signal.SIGKILL)
         code = server.wait(timeout=60)  # never hangs

@@ -10,12 +10,14 @@ evenly: SmolLM2's 3 KV heads over 2 ranks are 2 + 1. Each rank's paged KV cache 
 Rank 0 is the engine: it schedules, samples and, before every forward pass, broadcasts the step (the batch's
 token ids, positions, block tables and the rows to sample) to the other ranks, which run the same forward pass
 and wait for the next one. A rank that dies is noticed by rank 0's watchdog (the engine fails, the worker exits
-non-zero) and by a collective timeout on every rank, so nothing hangs.
+non-zero) and by a collective timeout inside every step (TIDESERVE_TP_COLLECTIVE_TIMEOUT_S, default 120 s), so
+nothing hangs; between steps the other ranks wait for the next one without a limit (an idle worker keeps them).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import subprocess
 import sys
@@ -27,7 +29,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)  # the longest a rank waits for the others
+STARTUP_TIMEOUT = datetime.timedelta(seconds=120)  # the longest rank 0 waits for the others to join
+# The longest a rank waits for the others inside a step (the forward pass's all-reduces).
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("TIDESERVE_TP_COLLECTIVE_TIMEOUT_S", "120")))
+# Between steps a rank waits for rank 0's next one as long as the worker is idle (a worker without requests
+# for two minutes must not lose its ranks); a rank 0 that dies closes its sockets, which ends the wait at once.
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+_compute_group = None  # the all-reduces, with COLLECTIVE_TIMEOUT
+_step_group = None  # the steps' broadcasts: gloo, with IDLE_TIMEOUT
 
 
 def split(total: int, world: int, rank: int) -> tuple[int, int]:
@@ -46,7 +55,7 @@ class RowParallel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=_compute_group)
         return y if self.bias is None else y + self.bias
 
 
@@ -94,8 +103,11 @@ def shard_model(model: torch.nn.Module, config, rank: int, world: int) -> tuple[
 
 
 def init_process_group(rank: int, world: int, port: int, device: torch.device) -> None:
+    global _compute_group, _step_group
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+                            rank=rank, world_size=world, timeout=STARTUP_TIMEOUT)
+    _compute_group = dist.new_group(timeout=COLLECTIVE_TIMEOUT)
+    _step_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,7 @@ class StepMessage:
 
 def broadcast(message: StepMessage | None) -> StepMessage | None:
     box = [message]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_step_group)
     return box[0]
 
 
