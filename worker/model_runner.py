@@ -283,7 +283,7 @@ class ModelRunner:
         if self.ranks is not None:
             self.ranks.stop()
             self.ranks = None
-            torch.distributed.destroy_process_group()
+            parallel.leave_group()
 
     @torch.inference_mode()
     def _forward(self, seqs: list[StepSeq], sample_rows: list[int]) -> torch.Tensor:

@@ -110,6 +110,13 @@ def init_process_group(rank: int, world: int, port: int, device: torch.device) -
     _step_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
+def leave_group() -> None:
+    """Destroy every group of this process and drop the references that would keep their sockets open."""
+    global _compute_group, _step_group
+    dist.destroy_process_group()
+    _compute_group = _step_group = None
+
+
 @dataclass(frozen=True)
 class StepMessage:
     """One forward pass, as rank 0 sends it: per sequence (token ids computed now, first position, block
@@ -135,7 +142,7 @@ def _rank_main() -> None:
     try:
         runner.follow()
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 class RankProcesses:
