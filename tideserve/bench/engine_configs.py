@@ -70,8 +70,8 @@ class ConfigResult:
     mean_logit_error: float | None = None
     perplexity: float | None = None
     refused: str | None = None
-    batch_sweep: list[dict] = field(default_factory=list)  # one row per batch size (_load_row)
-    rate_sweep: list[dict] = field(default_factory=list)  # one row per request rate (_load_row)
+    batch_sweep: list[dict] = field(default_factory=list)  # one row per batch size (_serve)
+    rate_sweep: list[dict] = field(default_factory=list)  # one row per request rate (_serve)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
