@@ -158,20 +158,21 @@ def _sweeps(args, engines: dict, results: dict, prompt: list[int]) -> None:
     """The batch-size and rate sweeps, configurations alternating at each point."""
     from tideserve.traces import poisson_arrivals
 
-    for batch in _numbers(args.batch_sizes, int):
+    points = [("batch_sweep", {"batch": batch}, [0.0] * batch) for batch in _numbers(args.batch_sizes, int)]
+    points += [("rate_sweep", {"rate": rate}, poisson_arrivals(args.rate_requests, rate, seed=0))
+               for rate in _numbers(args.rates, float)]
+    for sweep, point, arrivals in points:
         for name, engine in engines.items():
-            torch.set_num_threads(max(1, args.threads // CONFIGS[name][2]))
-            row = {"batch": batch, **_serve(engine, prompt, [0.0] * batch, args.output_tokens)}
-            results[name].batch_sweep.append(row)
-            print(f"batch {batch} {name}: {row['output_tok_s']:.1f} output tok/s", flush=True)
-    for rate in _numbers(args.rates, float):
-        arrivals = poisson_arrivals(args.rate_requests, rate, seed=0)
-        for name, engine in engines.items():
-            torch.set_num_threads(max(1, args.threads // CONFIGS[name][2]))
-            row = {"rate": rate, **_serve(engine, prompt, arrivals, args.output_tokens)}
-            results[name].rate_sweep.append(row)
-            print(f"rate {rate} {name}: {row['output_tok_s']:.1f} output tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} "
-                  f"ms, TPOT p50 {row['tpot_p50_ms']:.0f} ms", flush=True)
+            _use_threads(args, name)
+            row = {**point, **_serve(engine, prompt, arrivals, args.output_tokens)}
+            getattr(results[name], sweep).append(row)
+            print(f"{point} {name}: {row['output_tok_s']:.1f} output tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
+                  f"TPOT p50 {row['tpot_p50_ms']:.0f} ms", flush=True)
+
+
+def _use_threads(args, name: str) -> None:
+    """The machine's threads for a configuration: a tensor-parallel one's share per rank."""
+    torch.set_num_threads(max(1, args.threads // CONFIGS[name][2]))
 
 
 def _numbers(text: str, kind) -> list:
@@ -257,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     mbu_before = {name: _decode_mbu_totals(engine) for name, engine in engines.items()}
     for round_ in range(args.rounds):
         for name in engines if round_ % 2 == 0 else reversed(list(engines)):
-            torch.set_num_threads(max(1, args.threads // CONFIGS[name][2]))
+            _use_threads(args, name)
             tokens, ttft, decode_s = _greedy(engines[name], prompt, args.output_tokens)
             tpot = decode_s / (len(tokens) - 1)
             previous = best.get(name, (ttft, tpot))
