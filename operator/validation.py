@@ -15,6 +15,10 @@ from typing import Any
 from tideserve.operator.manifests import router_enabled, worker_service_name
 
 MAX_NAME = 63 - len(worker_service_name(""))  # the longest Service name derived from it stays a DNS-1035 label
+# spec.model.quantization: the modes the tideserve engine applies at load (worker/quantization.py); the first two
+# vLLM has no method for (its fp8 quantizes at load too, the rest name a checkpoint's format).
+TIDESERVE_QUANTIZATIONS = ("int8", "int4", "fp8")
+LOAD_TIME_ONLY = ("int8", "int4")
 
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -46,10 +50,11 @@ def validate(llmdeployment: dict[str, Any]) -> list[FieldError]:
     if "revision" in model and not source.get("uri", "").startswith("hf://"):
         errors.append(FieldError("spec.model.revision", "applies to hf:// sources only"))
     quantization = model["quantization"]
-    if quantization != "none" and (quantization == "int8" if engine["kind"] == "vllm" else quantization not in ("int8", "fp8")):
+    if quantization != "none" and ((quantization in LOAD_TIME_ONLY) if engine["kind"] == "vllm"
+                                   else quantization not in TIDESERVE_QUANTIZATIONS):
         errors.append(FieldError("spec.model.quantization",
-                                 "the tideserve engine quantizes at load to int8 or fp8; awq, gptq and bitsandbytes "
-                                 "checkpoints need engine.kind vllm, which has no int8 method"))
+                                 "the tideserve engine quantizes at load to int8, int4 or fp8; awq, gptq and "
+                                 "bitsandbytes checkpoints need engine.kind vllm, which has no int8 or int4 method"))
     if engine["maxNumBatchedTokens"] < engine["maxNumSeqs"]:
         errors.append(FieldError("spec.engine.maxNumBatchedTokens",
                                  "must be at least engine.maxNumSeqs: every running sequence needs one token per step"))

@@ -214,6 +214,8 @@ CEL_CASES = [
     ({"spec": {"model": {"quantization": "awq"}}}, "spec.model.quantization"),
     ({"spec": {"model": {"quantization": "int8"}, "engine": {"kind": "vllm"}, "resources": {"gpus": 1}}},
      "spec.model.quantization"),
+    ({"spec": {"model": {"quantization": "int4"}, "engine": {"kind": "vllm"}, "resources": {"gpus": 1}}},
+     "spec.model.quantization"),
     ({"spec": {"engine": {"kind": "vllm"}}}, "spec.resources.gpus"),
     ({"spec": {"resources": {"gpuType": "nvidia-h100-80gb"}}}, "spec.resources.gpuType"),
     ({"spec": {"engine": {"maxNumSeqs": 256, "maxNumBatchedTokens": 128}}}, "spec.engine.maxNumBatchedTokens"),
@@ -244,6 +246,17 @@ def test_cel_rules_reject_naming_the_field_and_the_operator_agrees(change, field
     cel = cel_errors(openapi_schema(), defaulted)
     assert [e.split(":")[0] for e in cel] == [field], cel
     assert [e.field for e in validate(defaulted)] == [field]
+
+
+@pytest.mark.parametrize("kind,quantization", [
+    ("tideserve", "int8"), ("tideserve", "int4"), ("tideserve", "fp8"),
+    ("vllm", "awq"), ("vllm", "gptq"), ("vllm", "fp8"), ("vllm", "bitsandbytes"),
+])
+def test_each_engine_is_admitted_with_the_quantizations_it_has(kind, quantization):
+    obj = with_change({"spec": {"model": {"quantization": quantization}, "engine": {"kind": kind},
+                                "resources": {"gpus": 1}}})
+    defaulted = apply_defaults(openapi_schema(), obj)
+    assert admit(obj) == [] and validate(defaulted) == []
 
 
 def test_every_cel_rule_has_a_case():

@@ -1,5 +1,5 @@
-"""Weight quantization (int8, fp8), the FP8 KV cache and the quality gate, on real kernels: the layers against
-float matmuls, the cache's capacity and round trip, the gate serving SmolLM2 in int8 and refusing a broken
+"""Weight quantization (int8, int4, fp8), the FP8 KV cache and the quality gate, on real kernels: the layers against
+float matmuls, the cache's capacity and round trip, the gate serving SmolLM2 in int8 and int4 and refusing a broken
 quantization, the step's bytes at the stored dtypes, and the flags from `tideserve serve` to the engine."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from tideserve.worker import quantization
 from tideserve.worker.config import EngineConfig
 from tideserve.worker.engine import LLMEngine
-from tideserve.worker.quantization import Fp8Linear, Int8Linear, KVLayer, QuantizationRefused
+from tideserve.worker.quantization import INT4_GROUP, Fp8Linear, Int4Linear, Int8Linear, KVLayer, QuantizationRefused
 from tideserve.worker.sequence import SamplingParams
 
 
@@ -23,8 +23,12 @@ def linear(out_features=96, in_features=64, bias=True):
     return layer
 
 
-@pytest.mark.parametrize("cls,bound", [(Int8Linear, 0.01), (Fp8Linear, 0.08)])
-def test_a_quantized_linear_matches_the_float_one_within_its_precision(cls, bound):
+@pytest.mark.parametrize("cls,bound,stored_bytes", [
+    (Int8Linear, 0.01, 96 * 64 + 96 * 2),  # a byte per weight, a bfloat16 scale per channel
+    (Int4Linear, 0.12, 96 * 64 // 2 + 96 * 2 * 2 * 2),  # half a byte, a bfloat16 scale and zero per 32 columns
+    (Fp8Linear, 0.08, 96 * 64 + 96 * 4),
+])
+def test_a_quantized_linear_matches_the_float_one_within_its_precision(cls, bound, stored_bytes):
     layer = linear()
     x = torch.randn(5, 3, 64)
     exact = layer(x)
@@ -32,7 +36,30 @@ def test_a_quantized_linear_matches_the_float_one_within_its_precision(cls, boun
     y = q(x)
     assert y.shape == exact.shape and y.dtype == exact.dtype
     assert ((y - exact).norm() / exact.norm()).item() < bound
-    assert q.qweight.element_size() == 1 and q.qweight.shape == (96, 64)
+    assert q.stored_bytes == stored_bytes and q.weight_params == 96 * 64
+
+
+def test_int4_reproduces_weights_that_are_4_bit_per_group_exactly():
+    # Weights that are (q - 8) * scale + zero per group of 32 columns, scale and zero bfloat16 values, as a
+    # dequantized Q4_1 checkpoint's are: only the activations' bfloat16 rounding may differ, so a wrong nibble
+    # order, group layout or zero convention shows as a large error.
+    torch.manual_seed(1)
+    out_features, in_features = 48, 96
+    codes = torch.randint(0, 16, (out_features, in_features // INT4_GROUP, INT4_GROUP))
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans its whole range, as a min/max quantizer's does
+    scale = (torch.rand(out_features, in_features // INT4_GROUP, 1) * 0.01 + 0.001).to(torch.bfloat16).float()
+    zero = (torch.randn(out_features, in_features // INT4_GROUP, 1) * 0.05).to(torch.bfloat16).float()
+    layer = torch.nn.Linear(in_features, out_features, bias=False)
+    layer.weight.data = ((codes - 8) * scale + zero).reshape(out_features, in_features)
+    x = torch.randn(7, in_features).to(torch.bfloat16)
+    exact = x.float() @ layer.weight.t()
+    got = Int4Linear(layer)(x.float())
+    assert ((got - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_int4_names_a_layer_whose_shape_its_kernel_cannot_take():
+    with pytest.raises(ValueError, match="int4 needs in_features a multiple of 32.*80 -> 96"):
+        Int4Linear(linear(96, 80))
 
 
 def test_int8_refuses_nothing_silently_and_replaces_every_linear():
@@ -41,7 +68,7 @@ def test_int8_refuses_nothing_silently_and_replaces_every_linear():
     assert quantization.quantize_linears(model, "int8") == 2
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules()) and not model.config.tie_word_embeddings
     with pytest.raises(ValueError, match="int8"):
-        quantization.quantize_linears(model, "int4")
+        quantization.quantize_linears(model, "nf4")
 
 
 def test_the_fp8_kv_cache_round_trips_within_e4m3_and_holds_about_four_times_the_fp32_tokens():
@@ -67,6 +94,28 @@ def test_the_engine_serves_smollm2_in_int8_with_the_gates_report_and_counts_its_
     stored = [m for m in engine.runner.model.modules() if isinstance(m, Int8Linear)]
     norms = sum(p.numel() * 4 for n, p in engine.runner.model.named_parameters() if "norm" in n)
     assert engine.footprint.weight_bytes == sum(m.qweight.numel() + 2 * m.scale.numel() for m in stored) + norms
+    engine.submit("a", engine.tokenizer("The capital of France is")["input_ids"],
+                  SamplingParams(max_tokens=8, temperature=0.0))
+    tokens = []
+    while engine.has_work():
+        for out in engine.step():
+            tokens += out.token_ids
+    assert len(tokens) == 8
+
+
+def test_the_engine_serves_smollm2_in_int4_with_the_head_in_int8():
+    engine = LLMEngine(EngineConfig(model="smollm2", dtype="float32", quantization="int4", num_kv_blocks=64,
+                                    max_model_len=512))
+    quality = engine.runner.quality
+    assert quality.agreement >= 0.9 and abs(quality.perplexity / quality.reference_perplexity - 1) < 0.05
+    model = engine.runner.model
+    assert isinstance(model.get_output_embeddings(), Int8Linear)
+    body = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(body) == 7 * model.config.num_hidden_layers
+    head = model.get_output_embeddings()
+    norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    assert engine.footprint.weight_bytes == sum(m.stored_bytes for m in body) + head.stored_bytes + norms
+    assert engine.footprint.body_params == sum(m.weight_params for m in body) + norms // 4
     engine.submit("a", engine.tokenizer("The capital of France is")["input_ids"],
                   SamplingParams(max_tokens=8, temperature=0.0))
     tokens = []
@@ -107,7 +156,7 @@ def test_serve_takes_the_flags_and_refuses_bad_values():
                                                         "--kv-cache-dtype", "fp8"]))
     assert (config.quantization, config.kv_cache_dtype) == ("int8", "fp8")
     with pytest.raises(ValueError, match="quantization"):
-        EngineConfig(model="tiny", quantization="int4")
+        EngineConfig(model="tiny", quantization="nf4")
     result = subprocess.run([sys.executable, "-m", "tideserve", "serve", "--model", "tiny", "--kv-cache-dtype", "int4"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--kv-cache-dtype" in result.stderr

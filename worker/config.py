@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BATCHING_MODES = ("continuous", "dynamic", "static")
-QUANTIZATIONS = ("none", "int8", "fp8")  # of the linear layers' weights (worker/quantization.py)
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")  # of the linear layers' weights (worker/quantization.py)
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
@@ -14,7 +14,7 @@ class EngineConfig:
     model: str
     served_model_name: str | None = None
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    quantization: str = "none"  # none | int8 | fp8: the linear layers' weights (worker/quantization.py)
+    quantization: str = "none"  # none | int8 | int4 | fp8: the linear layers' weights (worker/quantization.py)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3 with per-token scales)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensor_parallel_size: int = 1  # ranks (processes) the model is sharded over (worker/parallel.py)

@@ -5,6 +5,11 @@ quantization that changes the model too much.
   (torch._weight_int8pack_mm, on CPU and CUDA). Its CPU kernel is vectorized for 16-bit activations only
   (with float32 activations it runs several times slower than the float32 matmul it replaces), so on the CPU
   activations enter it in bfloat16 and the result goes back to the model's dtype.
+- int4: weight-only, asymmetric per group of 32 input columns (llama.cpp's Q4_1 layout: a scale and an offset
+  per group), through torch's int4 pack matmul (tinygemm: torch._weight_int4pack_mm_for_cpu here,
+  torch._weight_int4pack_mm on CUDA), activations in bfloat16 (the only dtype CUDA's kernel takes; the CPU's
+  is vectorized for it). A quarter of int8's bytes per decode step, and faster than float32 at every batch
+  size on this CPU (docs/benchmarks.md).
 - fp8: e4m3 weights with per-channel scales, activations quantized per token on the fly, through
   torch._scaled_mm with row-wise scales (Hopper's FP8 GEMM; on this CPU the same call runs, slowly: it is
   there for the quality report and for CUDA).
@@ -45,6 +50,15 @@ class QuantizedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qweight={self.qweight.dtype}"
 
+    @property
+    def weight_params(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def stored_bytes(self) -> int:
+        """The packed weight and its scales: what a step reads of this layer."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale))
+
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
@@ -65,6 +79,40 @@ class Int8Linear(QuantizedLinear):
         return self._finish(x, torch._weight_int8pack_mm(rows, self.qweight, self.scale))
 
 
+INT4_GROUP = 32  # input columns per scale and offset
+
+
+class Int4Linear(QuantizedLinear):
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
+        n, k = self.out_features, self.in_features
+        cuda = linear.weight.device.type == "cuda"
+        if n % 16 or k % INT4_GROUP:
+            raise ValueError(f"int4 needs in_features a multiple of {INT4_GROUP} and out_features a multiple of 16; "
+                             f"this layer is {k} -> {n}")
+        weight = linear.weight.detach().float().view(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = weight.amin(-1), weight.amax(-1)
+        # The kernel dequantizes q in 0..15 as (q - 8) * scale + zero. Scale and zero are rounded to bfloat16
+        # first and the codes chosen against the rounded values, so the rounding costs no extra error.
+        scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
+        zero = (low + 8 * scale.float()).to(torch.bfloat16)
+        codes = torch.round((weight - zero.float()[..., None]) / scale.float()[..., None] + 8)
+        codes = codes.clamp(0, 15).to(torch.int32).view(n, k)
+        if cuda:  # [n, k/2] bytes, the first of each pair in the high nibble; 2, 4 or 8 k-tiles of 16 columns
+            inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+            packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8),
+                                                       inner_k_tiles)
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scale", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())  # [k/32, n, 2]
+        self._matmul = torch._weight_int4pack_mm if cuda else torch._weight_int4pack_mm_for_cpu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        return self._finish(x, self._matmul(rows, self.qweight, INT4_GROUP, self.scale))
+
+
 class Fp8Linear(QuantizedLinear):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
@@ -81,7 +129,12 @@ class Fp8Linear(QuantizedLinear):
         return self._finish(x, y)
 
 
-_LINEARS = {"int8": Int8Linear, "fp8": Fp8Linear}
+_LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
+
+
+# int4 keeps the LM head at int8, as llama.cpp's 4-bit files do (SmolLM2's Q4_1 GGUF stores its tied
+# embedding/head in Q8_0): the head's errors land directly on the logits.
+_HEAD_MODE = {"int4": "int8"}
 
 
 def quantize_linears(model: torch.nn.Module, mode: str) -> int:
@@ -89,11 +142,13 @@ def quantize_linears(model: torch.nn.Module, mode: str) -> int:
     how many. A head tied to the input embeddings keeps the embedding table as it was."""
     if mode not in _LINEARS:
         raise ValueError(f"quantization must be one of {tuple(_LINEARS)}, got {mode!r}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # HF models have one
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(module, name, _LINEARS[mode](child))
+                layer_mode = _HEAD_MODE.get(mode, mode) if child is head else mode
+                setattr(module, name, _LINEARS[layer_mode](child))
                 replaced += 1
     if hasattr(model.config, "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own tensor now: never re-tie it

@@ -45,12 +45,13 @@ class ModelFootprint:
         # Quantized layers hold their weights and scales as buffers, at their stored dtype.
         stored = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-        weight_bytes += sum(t.numel() * t.element_size() for m in stored for t in (m.qweight, m.scale))
+        weight_bytes += sum(m.stored_bytes for m in stored)
         if head is not embedding:
             weight_bytes -= embedding.numel() * embedding.element_size()
         body = sum(p.numel() for p in params.values() if p is not embedding and p is not head)
-        body += sum(m.qweight.numel() for m in stored if m is not head_module)
-        return cls(weight_bytes=weight_bytes, body_params=body, head_params=head.numel(),
+        body += sum(m.weight_params for m in stored if m is not head_module)
+        head_params = head_module.weight_params if quantized else head.numel()
+        return cls(weight_bytes=weight_bytes, body_params=body, head_params=head_params,
                    kv_bytes_per_token=num_layers * kv_bytes_per_slot, attention_flops_per_pair=4 * num_layers * num_heads * head_dim)
 
     def step_cost(self, chunks: list[tuple[int, int]], sampled_rows: int) -> tuple[int, int]:

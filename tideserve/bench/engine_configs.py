@@ -41,6 +41,7 @@ import torch
 CONFIGS = {  # name: (quantization, kv_cache_dtype, tensor_parallel_size)
     "fp32": ("none", "auto", 1),
     "int8": ("int8", "auto", 1),
+    "int4": ("int4", "auto", 1),
     "fp8": ("fp8", "auto", 1),
     "fp32+kv-fp8": ("none", "fp8", 1),
     "int8+kv-fp8": ("int8", "fp8", 1),
