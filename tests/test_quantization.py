@@ -13,7 +13,8 @@ import torch
 from tideserve.worker import quantization
 from tideserve.worker.config import EngineConfig
 from tideserve.worker.engine import LLMEngine
-from tideserve.worker.quantization import INT4_GROUP, Fp8Linear, Int4Linear, Int8Linear, KVLayer, QuantizationRefused
+from tideserve.worker.quantization import (INT4_GROUP, Fp8Linear, Int4Linear, Int8Linear, KVLayer,
+                                          QuantizationRefused, W8A8Linear)
 from tideserve.worker.sequence import SamplingParams
 
 
@@ -26,6 +27,7 @@ def linear(out_features=96, in_features=64, bias=True):
 @pytest.mark.parametrize("cls,bound,stored_bytes", [
     (Int8Linear, 0.01, 96 * 64 + 96 * 2),  # a byte per weight, a bfloat16 scale per channel
     (Int4Linear, 0.12, 96 * 64 // 2 + 96 * 2 * 2 * 2),  # half a byte, a bfloat16 scale and zero per 32 columns
+    (W8A8Linear, 0.02, 96 * 64 + 96 * 4),  # a byte per weight, a float32 scale per channel
     (Fp8Linear, 0.08, 96 * 64 + 96 * 4),
 ])
 def test_a_quantized_linear_matches_the_float_one_within_its_precision(cls, bound, stored_bytes):
@@ -103,13 +105,13 @@ def test_the_engine_serves_smollm2_in_int8_with_the_gates_report_and_counts_its_
     assert len(tokens) == 8
 
 
-def test_the_engine_serves_smollm2_in_int4_with_the_head_in_int8():
+def test_the_engine_serves_smollm2_in_int4_with_the_head_at_8_bits():
     engine = LLMEngine(EngineConfig(model="smollm2", dtype="float32", quantization="int4", num_kv_blocks=64,
                                     max_model_len=512))
     quality = engine.runner.quality
     assert quality.agreement >= 0.9 and abs(quality.perplexity / quality.reference_perplexity - 1) < 0.05
     model = engine.runner.model
-    assert isinstance(model.get_output_embeddings(), Int8Linear)
+    assert isinstance(model.get_output_embeddings(), W8A8Linear)
     body = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert len(body) == 7 * model.config.num_hidden_layers
     head = model.get_output_embeddings()
