@@ -64,12 +64,18 @@ class QuantizedLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes [out, in] and float32 scales [out] of a weight, one scale per output channel."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(QuantizedLinear):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        qweight, scale = _int8_per_channel(linear.weight)
+        self.register_buffer("qweight", qweight)
         # The activations' dtype on the kernel: 16-bit (see the module's docstring).
         self.compute_dtype = torch.bfloat16 if linear.weight.dtype == torch.float32 else linear.weight.dtype
         self.register_buffer("scale", scale.to(self.compute_dtype))
@@ -121,9 +127,8 @@ class W8A8Linear(QuantizedLinear):
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        qweight, scale = _int8_per_channel(linear.weight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale[None, :].contiguous())  # [1, out], float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
