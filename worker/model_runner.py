@@ -228,12 +228,8 @@ class ModelRunner:
 
     def _gate(self, mode: str, reference: torch.Tensor, token_ids: list[int]) -> quantization.Quality:
         """The quality gate: the text's next-token logits of the unquantized weights as loaded (plain attention,
-        no cache) against those the server computes now (quantized weights, the paged KV cache at its dtype),
-        twice: in 16-token chunks (decode-sized matmuls, every chunk reading its context back from the cache)
-        and as one prefill (int4's dense path, quantization.DENSE_ROWS); the worse of the two is the verdict."""
-        reference = reference[: len(token_ids)]
-        quality = min((quantization.compare(reference, self.score(token_ids, chunk), token_ids)
-                       for chunk in (16, len(token_ids))), key=lambda q: q.agreement)
+        no cache) against those the server computes now (quantized weights, the paged KV cache at its dtype)."""
+        quality = quantization.compare(reference[: len(token_ids)], self.score(token_ids), token_ids)
         what = f"quantization {mode}, KV cache {'fp8' if self.kv_fp8 else 'auto'}"
         if quality.agreement < quantization.MIN_AGREEMENT:
             raise quantization.QuantizationRefused(

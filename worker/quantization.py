@@ -56,8 +56,7 @@ class QuantizedLinear(torch.nn.Module):
 
     @property
     def stored_bytes(self) -> int:
-        """The packed weight and its scales: what a step reads of this layer (int4's prefill-sized steps read
-        its plain copy of the codes instead, as many bytes)."""
+        """The packed weight and its scales: what a step reads of this layer."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale))
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,10 +86,6 @@ class Int8Linear(QuantizedLinear):
 
 
 INT4_GROUP = 32  # input columns per scale and offset
-# From this many rows (a prefill's) int4 dequantizes the weight to bfloat16 and runs the dense GEMM: on this CPU
-# it is 2.5-3x the int4 kernel's speed at 512 rows, and the dequantization (about 2 ns a weight) pays from about
-# 256 (docs/benchmarks.md).
-DENSE_ROWS = 256
 
 
 class Int4Linear(QuantizedLinear):
@@ -118,22 +113,9 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", packed)
         self.register_buffer("scale", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())  # [k/32, n, 2]
         self._matmul = torch._weight_int4pack_mm if cuda else torch._weight_int4pack_mm_for_cpu
-        # The dense path's copy of the codes, in a plain layout the kernels' packs are not: [n, k/2] bytes, the
-        # first of each pair in the low nibble; and the scales and zeros per row and group.
-        self.register_buffer("codes", (codes[:, ::2] | codes[:, 1::2] << 4).to(torch.uint8))
-        self.register_buffer("group_scale", scale.view(n, k // INT4_GROUP, 1))
-        self.register_buffer("group_zero", zero.view(n, k // INT4_GROUP, 1))
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight in bfloat16, dequantized as the int4 kernel dequantizes it: (q - 8) * scale + zero."""
-        n, k = self.out_features, self.in_features
-        q = torch.stack((self.codes & 15, self.codes >> 4), -1).view(n, k // INT4_GROUP, INT4_GROUP)
-        return torch.addcmul(self.group_zero, q.to(torch.bfloat16) - 8, self.group_scale).view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if len(rows) >= DENSE_ROWS:
-            return self._finish(x, F.linear(rows, self.dense_weight()))
         return self._finish(x, self._matmul(rows, self.qweight, INT4_GROUP, self.scale))
 
 
