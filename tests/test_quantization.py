@@ -87,6 +87,15 @@ def test_the_fp8_kv_cache_round_trips_within_e4m3_and_holds_about_four_times_the
         assert ((got - want).abs() <= 0.07 * want.abs().amax(dim=(1, 2), keepdim=True)).all()
 
 
+def _greedy_tokens(engine: LLMEngine, prompt: str, max_tokens: int) -> list[int]:
+    engine.submit("a", engine.tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    tokens = []
+    while engine.has_work():
+        for out in engine.step():
+            tokens += out.token_ids
+    return tokens
+
+
 def test_the_engine_serves_smollm2_in_int8_with_the_gates_report_and_counts_its_bytes():
     engine = LLMEngine(EngineConfig(model="smollm2", dtype="float32", quantization="int8", num_kv_blocks=64, max_model_len=512))
     quality = engine.runner.quality
@@ -96,13 +105,7 @@ def test_the_engine_serves_smollm2_in_int8_with_the_gates_report_and_counts_its_
     stored = [m for m in engine.runner.model.modules() if isinstance(m, Int8Linear)]
     norms = sum(p.numel() * 4 for n, p in engine.runner.model.named_parameters() if "norm" in n)
     assert engine.footprint.weight_bytes == sum(m.qweight.numel() + 2 * m.scale.numel() for m in stored) + norms
-    engine.submit("a", engine.tokenizer("The capital of France is")["input_ids"],
-                  SamplingParams(max_tokens=8, temperature=0.0))
-    tokens = []
-    while engine.has_work():
-        for out in engine.step():
-            tokens += out.token_ids
-    assert len(tokens) == 8
+    assert len(_greedy_tokens(engine, "The capital of France is", 8)) == 8
 
 
 def test_the_engine_serves_smollm2_in_int4_with_the_head_at_8_bits():
@@ -118,13 +121,7 @@ def test_the_engine_serves_smollm2_in_int4_with_the_head_at_8_bits():
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
     assert engine.footprint.weight_bytes == sum(m.stored_bytes for m in body) + head.stored_bytes + norms
     assert engine.footprint.body_params == sum(m.weight_params for m in body) + norms // 4
-    engine.submit("a", engine.tokenizer("The capital of France is")["input_ids"],
-                  SamplingParams(max_tokens=8, temperature=0.0))
-    tokens = []
-    while engine.has_work():
-        for out in engine.step():
-            tokens += out.token_ids
-    assert len(tokens) == 8
+    assert len(_greedy_tokens(engine, "The capital of France is", 8)) == 8
 
 
 def test_an_fp8_kv_cache_holds_four_times_the_tokens_in_the_same_memory():
