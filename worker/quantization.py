@@ -39,6 +39,11 @@ MIN_AGREEMENT = 0.85
 GATE_TOKENS = 256  # the gate scores the first this many tokens of the text
 
 
+def absmax_scale(t: torch.Tensor, dim, top: float, keepdim: bool = False) -> torch.Tensor:
+    """Symmetric scales mapping each slice's largest magnitude (over `dim`) to `top`; never zero."""
+    return t.abs().amax(dim=dim, keepdim=keepdim).clamp(min=1e-12) / top
+
+
 class QuantizedLinear(torch.nn.Module):
     """A linear layer whose weight is stored quantized (`qweight`) with per-output-channel `scale`s."""
 
@@ -67,7 +72,7 @@ class QuantizedLinear(torch.nn.Module):
 def _int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes [out, in] and float32 scales [out] of a weight, one scale per output channel."""
     weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    scale = absmax_scale(weight, 1, 127.0)
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
@@ -133,7 +138,7 @@ class W8A8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        x_scale = absmax_scale(rows, 1, 127.0, keepdim=True)
         codes = torch.round(rows / x_scale).to(torch.int8)
         if rows.is_cuda and len(rows) <= 16:  # CUDA's int8 GEMM takes more than 16 rows: pad, then drop
             codes = F.pad(codes, (0, 0, 0, 17 - len(rows)))
@@ -145,13 +150,13 @@ class Fp8Linear(QuantizedLinear):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
         weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        scale = absmax_scale(weight, 1, FP8_MAX)
         self.register_buffer("qweight", (weight / scale[:, None]).to(FP8))
         self.register_buffer("scale", scale[None, :].contiguous())  # [1, out]: row-wise scales of _scaled_mm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        x_scale = absmax_scale(rows, 1, FP8_MAX, keepdim=True)
         y = torch._scaled_mm((rows / x_scale).to(FP8), self.qweight.t(), scale_a=x_scale, scale_b=self.scale,
                              out_dtype=torch.float32)
         return self._finish(x, y)
@@ -210,7 +215,7 @@ class KVLayer:
             if not self.fp8:
                 pool.index_copy_(0, slots, new.to(pool.dtype))
                 continue
-            scale = new.float().abs().amax(dim=(1, 2)).clamp(min=1e-12) / FP8_MAX
+            scale = absmax_scale(new.float(), (1, 2), FP8_MAX)
             pool.index_copy_(0, slots, (new.float() / scale[:, None, None]).to(FP8).view(torch.uint8))
             scales.index_copy_(0, slots, scale)
 
