@@ -13,8 +13,8 @@ import torch
 from tideserve.worker import quantization
 from tideserve.worker.config import EngineConfig
 from tideserve.worker.engine import LLMEngine
-from tideserve.worker.quantization import (INT4_GROUP, Fp8Linear, Int4Linear, Int8Linear, KVLayer,
-                                          QuantizationRefused, W8A8Linear)
+from tideserve.worker.quantization import (DENSE_ROWS, INT4_GROUP, Fp8Linear, Int4Linear, Int8Linear, KVLayer,
+                                          QuantizationRefused, QuantizedLinear, W8A8Linear)
 from tideserve.worker.sequence import SamplingParams
 
 
@@ -41,10 +41,24 @@ def test_a_quantized_linear_matches_the_float_one_within_its_precision(cls, boun
     assert q.stored_bytes == stored_bytes and q.weight_params == 96 * 64
 
 
-def test_int4_reproduces_weights_that_are_4_bit_per_group_exactly():
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_a_dense_prefill_copy_computes_the_quantized_layer_for_prefill_sized_batches(cls):
+    layer = linear()
+    plain, dense = cls(layer), cls(layer, dense_prefill=True)
+    assert plain.dense is None and dense.dense.dtype == torch.bfloat16
+    assert dense.stored_bytes == plain.stored_bytes and dense.prefill_bytes == 96 * 64 * 2
+    for rows in (DENSE_ROWS - 1, DENSE_ROWS):  # the kernel below the threshold, the copy from it on
+        x = torch.randn(rows, 64)
+        kernel, got = plain(x), dense(x)
+        assert ((got - kernel).norm() / kernel.norm()).item() < 0.01  # the same quantized weights
+        assert torch.equal(got, kernel) == (rows < DENSE_ROWS)
+
+
+@pytest.mark.parametrize("rows", [7, DENSE_ROWS + 5])  # the int4 kernel; the dense-prefill copy
+def test_int4_reproduces_weights_that_are_4_bit_per_group_exactly(rows):
     # Weights that are (q - 8) * scale + zero per group of 32 columns, scale and zero bfloat16 values, as a
     # dequantized Q4_1 checkpoint's are: only the activations' bfloat16 rounding may differ, so a wrong nibble
-    # order, group layout or zero convention shows as a large error.
+    # order, group layout or zero convention shows as a large error, on either path.
     torch.manual_seed(1)
     out_features, in_features = 48, 96
     codes = torch.randint(0, 16, (out_features, in_features // INT4_GROUP, INT4_GROUP))
@@ -53,10 +67,12 @@ def test_int4_reproduces_weights_that_are_4_bit_per_group_exactly():
     zero = (torch.randn(out_features, in_features // INT4_GROUP, 1) * 0.05).to(torch.bfloat16).float()
     layer = torch.nn.Linear(in_features, out_features, bias=False)
     layer.weight.data = ((codes - 8) * scale + zero).reshape(out_features, in_features)
-    x = torch.randn(7, in_features).to(torch.bfloat16)
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
     exact = x.float() @ layer.weight.t()
-    got = Int4Linear(layer)(x.float())
+    int4 = Int4Linear(layer, dense_prefill=True)
+    got = int4(x.float())
     assert ((got - exact).norm() / exact.norm()).item() < 0.01
+    assert torch.allclose(int4.dense.float(), layer.weight, rtol=2**-8, atol=0)  # bfloat16 rounding only
 
 
 def test_int4_names_a_layer_whose_shape_its_kernel_cannot_take():
@@ -124,6 +140,33 @@ def test_the_engine_serves_smollm2_in_int4_with_the_head_at_8_bits():
     assert len(_greedy_tokens(engine, "The capital of France is", 8)) == 8
 
 
+def test_with_dense_prefill_a_prefill_step_reads_the_bfloat16_copies_and_a_decode_step_the_int4_weights():
+    engine = LLMEngine(EngineConfig(model="smollm2", dtype="float32", quantization="int4", dense_prefill=True,
+                                    num_kv_blocks=64, max_model_len=512))
+    assert engine.runner.quality.agreement >= 0.9
+    model = engine.runner.model
+    body = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    head = model.get_output_embeddings()
+    assert all(m.dense is not None for m in body) and head.dense is None  # the head computes sampled rows only
+    norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    fp = engine.footprint
+    assert fp.weight_bytes == sum(m.stored_bytes for m in body) + head.stored_bytes + norms
+    assert fp.prefill_weight_bytes == sum(2 * m.weight_params for m in body) + head.stored_bytes + norms
+    kv = fp.kv_bytes_per_token
+    assert fp.step_cost([(100, 1)] * (DENSE_ROWS - 1), DENSE_ROWS - 1)[0] == fp.weight_bytes + (DENSE_ROWS - 1) * 101 * kv
+    assert fp.step_cost([(0, DENSE_ROWS)], 1)[0] == fp.prefill_weight_bytes + DENSE_ROWS * kv
+    prompt = " ".join(["four score and seven years ago"] * 16)  # a prefill of more than DENSE_ROWS tokens
+    assert len(_greedy_tokens(engine, prompt, 8)) == 8
+
+
+def test_the_gate_scores_the_dense_prefill_path_too(monkeypatch):
+    real = QuantizedLinear._keep_dense
+    monkeypatch.setattr(QuantizedLinear, "_keep_dense", lambda self, weight: real(self, 2 * weight))  # a bad copy
+    with pytest.raises(QuantizationRefused, match=r"int4 \(dense prefill\), KV cache auto refused: greedy agreement"):
+        LLMEngine(EngineConfig(model="smollm2", dtype="float32", quantization="int4", dense_prefill=True,
+                               num_kv_blocks=64, max_model_len=512))
+
+
 def test_an_fp8_kv_cache_holds_four_times_the_tokens_in_the_same_memory():
     plain = LLMEngine(EngineConfig(model="smollm2", dtype="float32", kv_cache_memory_gb=0.25, max_model_len=1024))
     fp8 = LLMEngine(EngineConfig(model="smollm2", dtype="float32", kv_cache_memory_gb=0.25, kv_cache_dtype="fp8",
@@ -153,9 +196,14 @@ def test_serve_takes_the_flags_and_refuses_bad_values():
     add_arguments(parser)
     config = engine_config_from_args(parser.parse_args(["--model", "tiny", "--quantization", "int8",
                                                         "--kv-cache-dtype", "fp8"]))
-    assert (config.quantization, config.kv_cache_dtype) == ("int8", "fp8")
+    assert (config.quantization, config.kv_cache_dtype, config.dense_prefill) == ("int8", "fp8", False)
+    config = engine_config_from_args(parser.parse_args(["--model", "tiny", "--quantization", "int4", "--dense-prefill"]))
+    assert (config.quantization, config.dense_prefill) == ("int4", True)
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(model="tiny", quantization="nf4")
+    for quantization_ in ("none", "fp8"):
+        with pytest.raises(ValueError, match="dense_prefill needs quantization int8 or int4"):
+            EngineConfig(model="tiny", quantization=quantization_, dense_prefill=True)
     result = subprocess.run([sys.executable, "-m", "tideserve", "serve", "--model", "tiny", "--kv-cache-dtype", "int4"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--kv-cache-dtype" in result.stderr

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 BATCHING_MODES = ("continuous", "dynamic", "static")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")  # of the linear layers' weights (worker/quantization.py)
 KV_CACHE_DTYPES = ("auto", "fp8")
+DENSE_PREFILL_QUANTIZATIONS = ("int8", "int4")  # weight-only kernels whose prefill the dense GEMM beats on CPU
 
 
 @dataclass
@@ -16,6 +17,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     quantization: str = "none"  # none | int8 | int4 | fp8: the linear layers' weights (worker/quantization.py)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3 with per-token scales)
+    # int8/int4 also keep a bfloat16 copy of the weights for prefill-sized matmuls (worker/quantization.py).
+    dense_prefill: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensor_parallel_size: int = 1  # ranks (processes) the model is sharded over (worker/parallel.py)
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
@@ -45,6 +48,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.dense_prefill and self.quantization not in DENSE_PREFILL_QUANTIZATIONS:
+            raise ValueError(f"dense_prefill needs quantization {' or '.join(DENSE_PREFILL_QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:

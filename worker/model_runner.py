@@ -185,7 +185,7 @@ class ModelRunner:
         if self.world > 1:
             self._join_group(config, model_dir, group_port)
         if config.quantization != "none":
-            quantization.quantize_linears(self.model, config.quantization)
+            quantization.quantize_linears(self.model, config.quantization, config.dense_prefill)
         self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gb)
         if self.world > 1:  # every rank's pool has rank 0's block count (the block manager's)
             box = [self.num_blocks]
@@ -197,7 +197,7 @@ class ModelRunner:
         self.quality: quantization.Quality | None = None
         if reference is not None:
             try:
-                self.quality = self._gate(config.quantization, reference, gate_ids[: slots])
+                self.quality = self._gate(config, reference, gate_ids[: slots])
             except quantization.QuantizationRefused:
                 self.close()
                 raise
@@ -230,11 +230,17 @@ class ModelRunner:
     def block_bytes(self) -> int:
         return self.num_layers * self.block_size * self.kv_bytes_per_slot
 
-    def _gate(self, mode: str, reference: torch.Tensor, token_ids: list[int]) -> quantization.Quality:
+    def _gate(self, config: EngineConfig, reference: torch.Tensor, token_ids: list[int]) -> quantization.Quality:
         """The quality gate: the text's next-token logits of the unquantized weights as loaded (plain attention,
-        no cache) against those the server computes now (quantized weights, the paged KV cache at its dtype)."""
-        quality = quantization.compare(reference[: len(token_ids)], self.score(token_ids), token_ids)
-        what = f"quantization {mode}, KV cache {'fp8' if self.kv_fp8 else 'auto'}"
+        no cache) against those the server computes now (quantized weights, the paged KV cache at its dtype): in
+        16-token chunks (decode-sized matmuls, every chunk reading its context back from the cache) and, with a
+        dense-prefill copy, also as one prefill (its dense path); the worse of the two is the verdict."""
+        reference = reference[: len(token_ids)]
+        chunks = (16, len(token_ids)) if config.dense_prefill else (16,)
+        quality = min((quantization.compare(reference, self.score(token_ids, chunk), token_ids) for chunk in chunks),
+                      key=lambda q: q.agreement)
+        what = (f"quantization {config.quantization}{' (dense prefill)' if config.dense_prefill else ''}, "
+                f"KV cache {'fp8' if self.kv_fp8 else 'auto'}")
         if quality.agreement < quantization.MIN_AGREEMENT:
             raise quantization.QuantizationRefused(
                 f"{what} refused: {quality.describe()}, below the {quantization.MIN_AGREEMENT:.0%} bound of "

@@ -13,6 +13,12 @@ quantization that changes the model too much.
 - fp8: e4m3 weights with per-channel scales, activations quantized per token on the fly, through
   torch._scaled_mm with row-wise scales (Hopper's FP8 GEMM; on this CPU the same call runs, slowly: it is
   there for the quality report and for CUDA).
+- dense prefill (`dense_prefill=True`, int8 and int4): each layer also keeps its quantized weight dequantized
+  once to bfloat16, and matmuls of DENSE_ROWS or more rows (prefill chunks, mixed steps) run the dense GEMM on
+  that copy. On this CPU the weight-only kernels dequantize inside their loops and lose to the dense bfloat16
+  GEMM from ~32 rows on (1.9x at 256: docs/benchmarks.md), while decode-sized steps stay on the quantized
+  weights, where fewer bytes is what counts. The copy costs 2 bytes per weight; the values are the quantized
+  model's, so prefill and decode compute the same model (the gate scores both paths).
 - FP8 KV cache (KVLayer): K/V stored in e4m3 with one float32 scale per token and layer (shared by the token's
   KV heads), so the same memory holds about 4x the tokens of float32 and 2x those of bfloat16, less the scales.
 
@@ -51,6 +57,17 @@ class QuantizedLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
+        self.register_buffer("dense", None)  # the dense-prefill copy, when kept (_keep_dense)
+
+    def _keep_dense(self, weight: torch.Tensor) -> None:
+        """Keep the dense-prefill copy: the quantized weight [out, in] as the kernel dequantizes it."""
+        self.register_buffer("dense", weight.to(torch.bfloat16).contiguous())
+
+    def _dense_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The dense GEMM's result for a prefill-sized batch of rows [n, in] when this layer keeps a copy."""
+        if self.dense is None or len(rows) < DENSE_ROWS:
+            return None
+        return F.linear(rows.to(self.dense.dtype), self.dense)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qweight={self.qweight.dtype}"
@@ -61,8 +78,13 @@ class QuantizedLinear(torch.nn.Module):
 
     @property
     def stored_bytes(self) -> int:
-        """The packed weight and its scales: what a step reads of this layer."""
+        """The packed weight and its scales: what a decode-sized step reads of this layer."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale))
+
+    @property
+    def prefill_bytes(self) -> int:
+        """What a step of DENSE_ROWS or more rows reads of this layer."""
+        return self.stored_bytes if self.dense is None else self.dense.numel() * self.dense.element_size()
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -77,9 +99,11 @@ def _int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class Int8Linear(QuantizedLinear):
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, dense_prefill: bool = False):
         super().__init__(linear)
         qweight, scale = _int8_per_channel(linear.weight)
+        if dense_prefill:
+            self._keep_dense(qweight.float() * scale[:, None])
         self.register_buffer("qweight", qweight)
         # The activations' dtype on the kernel: 16-bit (see the module's docstring).
         self.compute_dtype = torch.bfloat16 if linear.weight.dtype == torch.float32 else linear.weight.dtype
@@ -87,14 +111,19 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        return self._finish(x, torch._weight_int8pack_mm(rows, self.qweight, self.scale))
+        dense = self._dense_rows(rows)
+        return self._finish(x, dense if dense is not None else torch._weight_int8pack_mm(rows, self.qweight, self.scale))
 
 
 INT4_GROUP = 32  # input columns per scale and offset
+# From this many rows a layer with a dense-prefill copy runs the dense bfloat16 GEMM: on this CPU, over all of
+# SmolLM2's layers with cold caches, 42 against int4's 51 ms at 64 rows, 101 against 186 at 256; at 16 rows the
+# int4 kernel wins (19 against 21 ms) and reads a quarter of the bytes (docs/benchmarks.md).
+DENSE_ROWS = 64
 
 
 class Int4Linear(QuantizedLinear):
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, dense_prefill: bool = False):
         super().__init__(linear)
         n, k = self.out_features, self.in_features
         cuda = linear.weight.device.type == "cuda"
@@ -108,7 +137,10 @@ class Int4Linear(QuantizedLinear):
         scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
         zero = (low + 8 * scale.float()).to(torch.bfloat16)
         codes = torch.round((weight - zero.float()[..., None]) / scale.float()[..., None] + 8)
-        codes = codes.clamp(0, 15).to(torch.int32).view(n, k)
+        codes = codes.clamp(0, 15).to(torch.int32)
+        if dense_prefill:
+            self._keep_dense(((codes - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k))
+        codes = codes.view(n, k)
         if cuda:  # [n, k/2] bytes, the first of each pair in the high nibble; 2, 4 or 8 k-tiles of 16 columns
             inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
             packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8),
@@ -121,7 +153,8 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        return self._finish(x, self._matmul(rows, self.qweight, INT4_GROUP, self.scale))
+        dense = self._dense_rows(rows)
+        return self._finish(x, dense if dense is not None else self._matmul(rows, self.qweight, INT4_GROUP, self.scale))
 
 
 class W8A8Linear(QuantizedLinear):
@@ -171,9 +204,11 @@ _LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
 _HEADS = {"int4": W8A8Linear}
 
 
-def quantize_linears(model: torch.nn.Module, mode: str) -> int:
+def quantize_linears(model: torch.nn.Module, mode: str, dense_prefill: bool = False) -> int:
     """Replace every nn.Linear (the LM head too: at batch 1 it is a fifth of SmolLM2's bytes) in place; returns
-    how many. A head tied to the input embeddings keeps the embedding table as it was."""
+    how many. A head tied to the input embeddings keeps the embedding table as it was. `dense_prefill`: the body's
+    layers also keep a bfloat16 copy for prefill-sized matmuls (int8 and int4; see the module's docstring); the
+    head computes only the sampled rows, decode-sized, and keeps none."""
     if mode not in _LINEARS:
         raise ValueError(f"quantization must be one of {tuple(_LINEARS)}, got {mode!r}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # HF models have one
@@ -181,8 +216,10 @@ def quantize_linears(model: torch.nn.Module, mode: str) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
-                cls = _HEADS.get(mode, _LINEARS[mode]) if child is head else _LINEARS[mode]
-                setattr(module, name, cls(child))
+                if child is head:
+                    setattr(module, name, _HEADS.get(mode, _LINEARS[mode])(child))
+                else:
+                    setattr(module, name, _LINEARS[mode](child, **({"dense_prefill": True} if dense_prefill else {})))
                 replaced += 1
     if hasattr(model.config, "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own tensor now: never re-tie it

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                         help="quantize the linear layers' weights at load (behind a quality gate: worker/quantization.py)")
+    parser.add_argument("--dense-prefill", action="store_true",
+                        help="with int8/int4: also keep the weights dequantized to bfloat16 (2 bytes a weight more) "
+                        "for prefill-sized matmuls, where the dense GEMM beats the quantized kernels on CPU")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="fp8: K/V stored in e4m3 with per-token scales (about 4x the float32 tokens per GB)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -75,6 +78,7 @@ def engine_config_from_args(args: argparse.Namespace):
         served_model_name=args.served_model_name,
         dtype=args.dtype,
         quantization=args.quantization,
+        dense_prefill=args.dense_prefill,
         kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         tensor_parallel_size=args.tensor_parallel_size,

