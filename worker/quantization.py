@@ -219,7 +219,7 @@ def quantize_linears(model: torch.nn.Module, mode: str, dense_prefill: bool = Fa
                 if child is head:
                     setattr(module, name, _HEADS.get(mode, _LINEARS[mode])(child))
                 else:
-                    setattr(module, name, _LINEARS[mode](child, **({"dense_prefill": True} if dense_prefill else {})))
+                    setattr(module, name, _LINEARS[mode](child, dense_prefill=True) if dense_prefill else _LINEARS[mode](child))
                 replaced += 1
     if hasattr(model.config, "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own tensor now: never re-tie it
