@@ -1,5 +1,5 @@
-"""`tideserve bench-engine`: engine configurations side by side (weights int8/fp8, the FP8 KV cache, tensor
-parallelism over 2 ranks) against the unquantized single-rank engine, in one run: the seeds' three benchmarks
+"""`tideserve bench-engine`: engine configurations side by side (weights int8/int4/fp8, int4 with its
+dense-prefill copy, the FP8 KV cache, tensor parallelism over 2 ranks) against the unquantized single-rank engine, in one run: the seeds' three benchmarks
 (TTFT/TPOT at batch 1; maximum throughput against the batch size with static batches; the throughput-latency
 curve over request rates), each as a table and, with --png, a chart, and the quality of each configuration.
 
@@ -38,14 +38,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-CONFIGS = {  # name: (quantization, kv_cache_dtype, tensor_parallel_size)
-    "fp32": ("none", "auto", 1),
-    "int8": ("int8", "auto", 1),
-    "int4": ("int4", "auto", 1),
-    "fp8": ("fp8", "auto", 1),
-    "fp32+kv-fp8": ("none", "fp8", 1),
-    "int8+kv-fp8": ("int8", "fp8", 1),
-    "fp32-tp2": ("none", "auto", 2),
+CONFIGS = {  # name: (quantization, kv_cache_dtype, tensor_parallel_size, dense_prefill)
+    "fp32": ("none", "auto", 1, False),
+    "int8": ("int8", "auto", 1, False),
+    "int4": ("int4", "auto", 1, False),
+    "int4+dense-prefill": ("int4", "auto", 1, True),
+    "fp8": ("fp8", "auto", 1, False),
+    "fp32+kv-fp8": ("none", "fp8", 1, False),
+    "int8+kv-fp8": ("int8", "fp8", 1, False),
+    "fp32-tp2": ("none", "auto", 2, False),
 }
 PROMPTS = (
     "The history of the Roman empire begins", "To bake bread at home you need", "The three laws of motion state",
@@ -97,10 +98,11 @@ def _engine(args, name: str):
     from tideserve.worker.config import EngineConfig
     from tideserve.worker.engine import LLMEngine
 
-    quantization, kv, tp = CONFIGS[name]
+    quantization, kv, tp, dense_prefill = CONFIGS[name]
     torch.set_num_threads(args.threads)  # a tensor-parallel engine takes its share per rank from here
     return LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=quantization,
-                                  kv_cache_dtype=kv, tensor_parallel_size=tp, max_model_len=1024,
+                                  dense_prefill=dense_prefill, kv_cache_dtype=kv, tensor_parallel_size=tp,
+                                  max_model_len=1024,
                                   kv_cache_memory_gb=0.5, enable_prefix_caching=False))
 
 
