@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import random
+from pathlib import Path
 
 import httpx
 import pytest
@@ -683,12 +684,41 @@ def test_a_vllm_worker_is_calibrated_from_the_series_it_exports():
     for name in ("base_s", "per_seq_s", "per_prefill_token_s"):
         assert getattr(policy.model.params, name) == pytest.approx(getattr(truth, name), rel=0.15), name
     # Through Prometheus: the same series as an instant query returns them (every label kept by Prometheus).
-    result = [{"metric": {"__name__": f.name if s.name == f.name else s.name, **s.labels, "pod": "v"},
-               "value": [T, repr(s.value)]}
-              for f in text_string_to_metric_families(text) for s in f.samples]
-    via_prometheus = source.snapshots_from_prometheus(result)["v"]
+    via_prometheus = source.snapshots_from_prometheus(_as_instant_query(text, "v"))["v"]
     assert via_prometheus == parse_exposition(text)
     assert via_prometheus.value("tideserve_kv_cache_capacity_tokens") == 27_000 * 16
+
+
+def _as_instant_query(text: str, pod: str) -> list[dict]:
+    """An exposition's series as Prometheus's instant query returns them, with the pod's label added."""
+    return [{"metric": {"__name__": s.name, **s.labels, "pod": pod}, "value": [T, repr(s.value)]}
+            for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def test_two_scrapes_of_a_data_parallel_vllm_read_as_one_replica_of_both_engines():
+    """tests/fixtures/vllm: vLLM 0.11's exposition (two engines in one pod, the deprecated inter-token latency
+    name beside the new one, process/Python/HTTP families, _created series). The window's numbers by hand from
+    the files: each inter-token latency sample counted once, not under both names; the pod's KV capacity is both
+    engines' pools, its usage their mean; through Prometheus the same."""
+    fixtures = Path(__file__).parent / "fixtures" / "vllm"
+    texts = [(fixtures / f"vllm-0.11-dp2-{t}.txt").read_text() for t in ("0s", "15s")]
+    common = dict(desired_replicas=1, pending_replicas=0, max_num_seqs=256, max_num_batched_tokens=8192)
+    for parse in (parse_exposition, lambda text: source.snapshots_from_prometheus(_as_instant_query(text, "v"))["v"]):
+        aggregator = WindowAggregator()
+        aggregator.observe(T, [ReplicaSample("v", T, True, T - 3600, parse(texts[0]))], **common)
+        obs = aggregator.observe(T + 15, [ReplicaSample("v", T + 15, True, T - 3600, parse(texts[1]))], **common)
+        assert obs.steps == (4300 - 4000) + (4180 - 3900) == 580
+        itl_samples = (79200 - 72000) + (71900 - 66300)
+        assert itl_samples == 24 * 300 + 20 * 280 and obs.step_seqs == pytest.approx(itl_samples / 580)
+        assert obs.step_s == pytest.approx(((3023.6265988035125 - 2736.4223368028674)
+                                            + (2907.1844016763484 - 2655.4568597949565)) / itl_samples)
+        assert obs.step_tokens == pytest.approx(((254200 - 232000) + (233900 - 216300)) / 580)
+        assert obs.ttft.count == (175 - 160) + (162 - 150)
+        assert obs.queue_time.total == pytest.approx((9.749947334625897 - 9.156319450345254)
+                                                     + (8.649288792380991 - 7.968684171995389))
+        assert (obs.running, obs.waiting) == (25 + 21, 2 + 0)
+        assert obs.kv_usage == pytest.approx((0.36 + 0.3) / 2)
+        assert obs.kv_capacity_tokens == (27_400 + 27_392) * 16
 
 
 def test_both_collection_paths_sum_label_sets_to_the_same_bits_in_any_order():

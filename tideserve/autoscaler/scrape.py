@@ -72,7 +72,7 @@ def parse_exposition(text: str) -> MetricsSnapshot:
     buckets: dict[str, dict[float, list[float]]] = {}
     sums: dict[str, list[float]] = {}
     values: dict[str, list[float]] = {}
-    cache_capacity: float | None = None
+    cache_capacities: list[float | None] = []  # one per engine: vLLM's data-parallel engines each have a pool
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -80,7 +80,7 @@ def parse_exposition(text: str) -> MetricsSnapshot:
                 if name.endswith("_created"):
                     continue
                 if name == CACHE_CONFIG:
-                    cache_capacity = _cache_config_tokens(labels)
+                    cache_capacities.append(_cache_config_tokens(labels))
                 elif name.endswith("_bucket") and "le" in labels:
                     buckets.setdefault(name[: -len("_bucket")], {}).setdefault(float(labels["le"]), []).append(value)
                 elif name.endswith("_sum"):
@@ -95,9 +95,10 @@ def parse_exposition(text: str) -> MetricsSnapshot:
         if not edges or not math.isinf(edges[-1]):
             raise MetricsParseError(f"histogram {base} has no +Inf bucket")
         histograms[base] = Histogram(edges, tuple(math.fsum(per_edge[e]) for e in edges), math.fsum(sums.get(base, ())))
-    totals = {name: math.fsum(parts) for name, parts in values.items()}
-    if cache_capacity is not None:
-        totals.setdefault(KV_CAPACITY, cache_capacity)
+    # A share (KV usage) of several engines' equal pools is their mean, not their sum.
+    totals = {name: math.fsum(parts) / (len(parts) if name in KV_USAGE else 1) for name, parts in values.items()}
+    if cache_capacities and None not in cache_capacities:
+        totals.setdefault(KV_CAPACITY, math.fsum(cache_capacities))
     return MetricsSnapshot(histograms, totals)
 
 
@@ -191,8 +192,8 @@ class WindowAggregator:
             with_delta += 1
             for name in COUNTER_HISTOGRAMS:
                 now_h = m.histograms.get(name)
-                if now_h is None:
-                    continue
+                if now_h is None or (name == ITL[1] and ITL[0] in m.histograms):
+                    continue  # vLLM 0.11 exports the deprecated name beside the new one, the same samples
                 old_h = earlier.histograms.get(name) if earlier is not None else None
                 delta = now_h.minus(old_h if old_h is not None and old_h.edges == now_h.edges else None)
                 target = step_stats if name.startswith("tideserve_step") else histograms
