@@ -279,14 +279,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nbatch 1, {args.prompt_tokens}-token prompt, {args.output_tokens} tokens, best of {args.rounds}; "
           f"quality: 16 prompts x 64 tokens, perplexity on the Gettysburg Address "
           f"(fp32 {ref.text_perplexity:.2f})" if ref else "")
-    print(f"{'config':<14}{'TTFT ms':>9}{'TPOT ms':>9}{'tok/s':>8}{'x fp32':>8}{'MBU':>7}{'KV tok/GiB':>12}"
+    print(f"{'config':<20}{'TTFT ms':>9}{'TPOT ms':>9}{'tok/s':>8}{'x fp32':>8}{'MBU':>7}{'KV tok/GiB':>12}"
           f"{'agree':>8}{'max err':>9}{'mean err':>9}{'ppl':>8}")
     for r in results.values():
         if r.refused:
-            print(f"{r.config:<14}  refused by the quality gate")
+            print(f"{r.config:<20}  refused by the quality gate")
             continue
         ratio = r.decode_tok_s / base.decode_tok_s if base.decode_tok_s else math.nan
-        print(f"{r.config:<14}{r.ttft_ms:>9.0f}{r.tpot_ms:>9.1f}{r.decode_tok_s:>8.1f}{ratio:>8.2f}{(r.mbu or 0):>7.3f}"
+        print(f"{r.config:<20}{r.ttft_ms:>9.0f}{r.tpot_ms:>9.1f}{r.decode_tok_s:>8.1f}{ratio:>8.2f}{(r.mbu or 0):>7.3f}"
               f"{r.kv_tokens_per_gib:>12.0f}{r.agreement:>8.1%}{r.max_logit_error:>9.3f}{r.mean_logit_error:>9.4f}"
               f"{r.perplexity:>8.2f}")
     _print_sweeps(results.values(), args)
@@ -303,16 +303,16 @@ def _print_sweeps(results, args) -> None:
     served = [r for r in results if not r.refused]
     if any(r.batch_sweep for r in served):
         print(f"\nstatic batches: {args.prompt_tokens} in, {args.output_tokens} out; output tok/s (TPOT p50 ms)")
-        print(f"{'batch':<7}" + "".join(f"{r.config:>20}" for r in served))
+        print(f"{'batch':<7}" + "".join(f"{r.config:>21}" for r in served))
         for i, row in enumerate(served[0].batch_sweep):
             print(f"{row['batch']:<7}" + "".join(
-                f"{r.batch_sweep[i]['output_tok_s']:>12.1f} ({r.batch_sweep[i]['tpot_p50_ms']:>4.0f})" for r in served))
+                f"{r.batch_sweep[i]['output_tok_s']:>14.1f} ({r.batch_sweep[i]['tpot_p50_ms']:>4.0f})" for r in served))
     if any(r.rate_sweep for r in served):
         print(f"\nPoisson rates, {args.rate_requests} requests each: output tok/s, TTFT p50/p90 ms, TPOT p50/p90 ms")
-        print(f"{'config':<14}{'rate':>6}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}{'TPOT p50':>10}{'p90':>8}")
+        print(f"{'config':<20}{'rate':>6}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}{'TPOT p50':>10}{'p90':>8}")
         for r in served:
             for row in r.rate_sweep:
-                print(f"{r.config:<14}{row['rate']:>6.2f}{row['output_tok_s']:>8.1f}{row['ttft_p50_ms']:>10.0f}"
+                print(f"{r.config:<20}{row['rate']:>6.2f}{row['output_tok_s']:>8.1f}{row['ttft_p50_ms']:>10.0f}"
                       f"{row['ttft_p90_ms']:>8.0f}{row['tpot_p50_ms']:>10.0f}{row['tpot_p90_ms']:>8.0f}")
 
 
