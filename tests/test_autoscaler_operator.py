@@ -24,7 +24,6 @@ from tideserve.autoscaler.observation import Decision, Observation
 from tideserve.autoscaler.perf_model import H100_8B
 from tideserve.autoscaler.policy import TideservePolicy
 from tideserve.autoscaler.scrape import ReplicaSample, WindowAggregator, parse_exposition
-from tideserve.autoscaler.slo import Histogram
 from tideserve.autoscaler.spec import policy_config
 from tideserve.buckets import TPOT_BUCKETS, TTFT_BUCKETS
 from tideserve.operator import autoscaler_state, autoscaler_status as loop_status, metrics_source as source

@@ -153,7 +153,8 @@ def test_with_dense_prefill_a_prefill_step_reads_the_bfloat16_copies_and_a_decod
     assert fp.weight_bytes == sum(m.stored_bytes for m in body) + head.stored_bytes + norms
     assert fp.prefill_weight_bytes == sum(2 * m.weight_params for m in body) + head.stored_bytes + norms
     kv = fp.kv_bytes_per_token
-    assert fp.step_cost([(100, 1)] * (DENSE_ROWS - 1), DENSE_ROWS - 1)[0] == fp.weight_bytes + (DENSE_ROWS - 1) * 101 * kv
+    decodes = DENSE_ROWS - 1  # sequences of 100 cached tokens, one new each
+    assert fp.step_cost([(100, 1)] * decodes, decodes)[0] == fp.weight_bytes + decodes * 101 * kv
     assert fp.step_cost([(0, DENSE_ROWS)], 1)[0] == fp.prefill_weight_bytes + DENSE_ROWS * kv
     prompt = " ".join(["four score and seven years ago"] * 16)  # a prefill of more than DENSE_ROWS tokens
     assert len(_greedy_tokens(engine, prompt, 8)) == 8
@@ -197,7 +198,8 @@ def test_serve_takes_the_flags_and_refuses_bad_values():
     config = engine_config_from_args(parser.parse_args(["--model", "tiny", "--quantization", "int8",
                                                         "--kv-cache-dtype", "fp8"]))
     assert (config.quantization, config.kv_cache_dtype, config.dense_prefill) == ("int8", "fp8", False)
-    config = engine_config_from_args(parser.parse_args(["--model", "tiny", "--quantization", "int4", "--dense-prefill"]))
+    config = engine_config_from_args(parser.parse_args(["--model", "tiny", "--quantization", "int4",
+                                                        "--dense-prefill"]))
     assert (config.quantization, config.dense_prefill) == ("int4", True)
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(model="tiny", quantization="nf4")

@@ -111,8 +111,10 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        dense = self._dense_rows(rows)
-        return self._finish(x, dense if dense is not None else torch._weight_int8pack_mm(rows, self.qweight, self.scale))
+        y = self._dense_rows(rows)
+        if y is None:
+            y = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
+        return self._finish(x, y)
 
 
 INT4_GROUP = 32  # input columns per scale and offset
@@ -153,8 +155,10 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        dense = self._dense_rows(rows)
-        return self._finish(x, dense if dense is not None else self._matmul(rows, self.qweight, INT4_GROUP, self.scale))
+        y = self._dense_rows(rows)
+        if y is None:
+            y = self._matmul(rows, self.qweight, INT4_GROUP, self.scale)
+        return self._finish(x, y)
 
 
 class W8A8Linear(QuantizedLinear):
@@ -219,7 +223,8 @@ def quantize_linears(model: torch.nn.Module, mode: str, dense_prefill: bool = Fa
                 if child is head:
                     setattr(module, name, _HEADS.get(mode, _LINEARS[mode])(child))
                 else:
-                    setattr(module, name, _LINEARS[mode](child, dense_prefill=True) if dense_prefill else _LINEARS[mode](child))
+                    cls = _LINEARS[mode]
+                    setattr(module, name, cls(child, dense_prefill=True) if dense_prefill else cls(child))
                 replaced += 1
     if hasattr(model.config, "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own tensor now: never re-tie it

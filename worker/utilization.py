@@ -7,9 +7,9 @@ engine starts (a large tensor copy, a large matmul) unless given.
 
 What a step is counted to read and compute:
 - bytes: every weight at its stored dtype (a step of quantization.DENSE_ROWS or more tokens reads the layers'
-  dense-prefill copies instead, where they are kept) except the input embedding table (a step reads only the rows it
-  looks up; when the LM head shares that table, the head reads it whole, and it is counted once), the K/V of
-  each sequence's context (the tokens before this step's) and the K/V this step writes;
+  dense-prefill copies instead, where they are kept) except the input embedding table (a step reads only the
+  rows it looks up; when the LM head shares that table, the head reads it whole, and it is counted once), the
+  K/V of each sequence's context (the tokens before this step's) and the K/V this step writes;
 - FLOPs: 2 per weight of the transformer body per token computed, 2 per LM-head weight per sampled row, and
   attention's 4 x heads x head_dim per (query, key) pair of the causal chunk (QK^T and AV).
 """
@@ -56,8 +56,9 @@ class ModelFootprint:
         body = sum(p.numel() for p in params.values() if p is not embedding and p is not head)
         body += sum(m.weight_params for m in stored if m is not head_module)
         head_params = head_module.weight_params if quantized else head.numel()
-        return cls(weight_bytes=weight_bytes, prefill_weight_bytes=prefill_weight_bytes, body_params=body, head_params=head_params,
-                   kv_bytes_per_token=num_layers * kv_bytes_per_slot, attention_flops_per_pair=4 * num_layers * num_heads * head_dim)
+        return cls(weight_bytes=weight_bytes, prefill_weight_bytes=prefill_weight_bytes, body_params=body,
+                   head_params=head_params, kv_bytes_per_token=num_layers * kv_bytes_per_slot,
+                   attention_flops_per_pair=4 * num_layers * num_heads * head_dim)
 
     def step_cost(self, chunks: list[tuple[int, int]], sampled_rows: int) -> tuple[int, int]:
         """(bytes, FLOPs) of a step that computes, per sequence, `n` new tokens after `start` cached ones."""

@@ -1,7 +1,8 @@
 """`tideserve bench-engine`: engine configurations side by side (weights int8/int4/fp8, int4 with its
-dense-prefill copy, the FP8 KV cache, tensor parallelism over 2 ranks) against the unquantized single-rank engine, in one run: the seeds' three benchmarks
-(TTFT/TPOT at batch 1; maximum throughput against the batch size with static batches; the throughput-latency
-curve over request rates), each as a table and, with --png, a chart, and the quality of each configuration.
+dense-prefill copy, the FP8 KV cache, tensor parallelism over 2 ranks) against the unquantized single-rank
+engine, in one run: the seeds' three benchmarks (TTFT/TPOT at batch 1; maximum throughput against the batch size
+with static batches; the throughput-latency curve over request rates), each as a table and, with --png, a chart,
+and the quality of each configuration.
 
 Speed: one request at a time through the engine's own step loop (no HTTP): a fixed prompt of `prompt_tokens`
 random tokens (512: the seeds' benchmark) and `output_tokens` greedy tokens, EOS ignored. TTFT from submit to
@@ -102,8 +103,7 @@ def _engine(args, name: str):
     torch.set_num_threads(args.threads)  # a tensor-parallel engine takes its share per rank from here
     return LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=quantization,
                                   dense_prefill=dense_prefill, kv_cache_dtype=kv, tensor_parallel_size=tp,
-                                  max_model_len=1024,
-                                  kv_cache_memory_gb=0.5, enable_prefix_caching=False))
+                                  max_model_len=1024, kv_cache_memory_gb=0.5, enable_prefix_caching=False))
 
 
 def _greedy(engine, prompt: list[int], tokens: int) -> tuple[list[int], float, float]:
