@@ -136,6 +136,10 @@ def test_simulate_rejects_bad_input(tmp_path, capsys):
     assert "cannot read trace" in capsys.readouterr().err
     assert main(["simulate", "--trace", "azure-conv", "--policy", "tideserve,magic"]) == 2
     assert "unknown policy: magic" in capsys.readouterr().err
+    assert main(["simulate", "--scenarios", "cold-ramp,azure-conv-x7"]) == 2
+    assert "no such battery scenario azure-conv-x7; the scenarios: servegen-m-large-14d," in capsys.readouterr().err
+    assert main(["simulate", "--quick", "--scenarios", "startup-30s"]) == 2  # not in the quick subset
+    assert "no such battery scenario startup-30s in the --quick subset" in capsys.readouterr().err
 
 
 def test_a_cached_prefix_is_not_prefilled_again_and_blocks_still_prefilling_are_not_shared():

@@ -181,6 +181,15 @@ def run_battery(args) -> int:
 
     shared = Path(args.shared) if args.shared else Path.cwd().parent / "shared"
     chosen = [s for s in SCENARIOS if s.quick or not args.quick]
+    if args.scenarios:
+        wanted = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - {s.name for s in chosen})
+        if unknown or not wanted:
+            print(f"--scenarios: no such battery scenario{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                  f"{' in the --quick subset' if args.quick else ''}; the scenarios: {', '.join(s.name for s in chosen)}",
+                  file=sys.stderr)
+            return 2
+        chosen = [s for s in chosen if s.name in wanted]
     names = list(cli.POLICIES) + [n + cli.TUNED_SUFFIX for n in cli.POLICIES if n != "tideserve"]
     board, skipped, plots = [], [], []
     started = time.perf_counter()

@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the scenario battery (tideserve/sim/battery.py) instead of one trace; with --json "
                              "and --plot for the scoreboard; needs ../shared/traces (or --shared)")
     parser.add_argument("--quick", action="store_true", help="the battery's quick subset (implies --battery)")
+    parser.add_argument("--scenarios", default=None,
+                        help="only these battery scenarios, comma-separated (implies --battery; of the --quick subset "
+                             "with --quick)")
     parser.add_argument("--shared", default=None, help="the folder holding traces/ for the battery (default: "
                                                        "../shared next to the working directory)")
     parser.add_argument("--hindsight", action="store_true",
@@ -447,7 +450,7 @@ def engine_params(args):
 def run(args: argparse.Namespace) -> int:
     from tideserve.sim.report import plot, write_json
 
-    if args.battery or args.quick:
+    if args.battery or args.quick or args.scenarios:
         from tideserve.sim.battery import run_battery
 
         return run_battery(args)
