@@ -36,8 +36,10 @@ STEP_SECONDS = "tideserve_step_seconds"
 STEP_SEQUENCES = "tideserve_step_sequences"
 STEP_TOKENS = "tideserve_step_tokens"
 MBU = "tideserve_mbu"  # per step, summed over step kinds by the parser
-COUNTER_HISTOGRAMS = (TTFT, *ITL, TPOT, QUEUE_TIME, E2E, PROMPT_TOKENS, GENERATION_TOKENS, ITERATION_TOKENS,
-                      STEP_SECONDS, STEP_SEQUENCES, STEP_TOKENS, MBU)
+# Each entry: one histogram's names, the current one first. A worker's first exported name is read and pooled
+# under the current one (vLLM 0.11 exports its inter-token latency under both names, the same samples).
+COUNTER_HISTOGRAMS = ((TTFT,), ITL, (TPOT,), (QUEUE_TIME,), (E2E,), (PROMPT_TOKENS,), (GENERATION_TOKENS,),
+                      (ITERATION_TOKENS,), (STEP_SECONDS,), (STEP_SEQUENCES,), (STEP_TOKENS,), (MBU,))
 
 
 class MetricsParseError(ValueError):
@@ -190,15 +192,15 @@ class WindowAggregator:
             else:
                 continue
             with_delta += 1
-            for name in COUNTER_HISTOGRAMS:
-                now_h = m.histograms.get(name)
-                if now_h is None or (name == ITL[1] and ITL[0] in m.histograms):
-                    continue  # vLLM 0.11 exports the deprecated name beside the new one, the same samples
+            for names in COUNTER_HISTOGRAMS:
+                name = next((n for n in names if n in m.histograms), None)
+                if name is None:
+                    continue
+                now_h = m.histograms[name]
                 old_h = earlier.histograms.get(name) if earlier is not None else None
                 delta = now_h.minus(old_h if old_h is not None and old_h.edges == now_h.edges else None)
                 target = step_stats if name.startswith("tideserve_step") else histograms
-                key = ITL[0] if name in ITL else name
-                target[key] = Histogram.pool(target.get(key), delta)
+                target[names[0]] = Histogram.pool(target.get(names[0]), delta)
         if ready and not with_delta and not problems:
             problems.append("no earlier sample to take a window from yet")
         if not ready and desired_replicas > 0:
