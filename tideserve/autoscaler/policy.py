@@ -68,7 +68,7 @@ class PolicyConfig:
     headroom: float = 0.85  # plan each replica at this share of its predicted SLO capacity (steered online)
     min_headroom: float = 0.35
     max_headroom: float = 1.5  # above 1 when the model turns out conservative
-    pressure_setpoint: float = 0.9  # steer the observed tail to this share of its target (0.85: 3-5% more GPU-h)
+    pressure_setpoint: float = 0.9  # steer the observed tail to this share of its target
     scale_down_margin: float = 0.95  # N-1 replicas must carry the demand at this share of the planned load
     backlog_clear_s: float = 60.0  # plan to clear a waiting queue within this time
     seasonality: bool = True
